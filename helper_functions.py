@@ -525,6 +525,9 @@ VIT_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, embedding_dim=768, mlp_size=3072),  # 86M
     "vit_l_16": dict(patch_size=16, num_layers=24, num_heads=16, embedding_dim=1024, mlp_size=4096),  # 307M
     "vit_h_14": dict(patch_size=14, num_layers=32, num_heads=16, embedding_dim=1280, mlp_size=5120),  # 632M
+    # Our small model for 28x28 digits, chosen and justified in notebook 07.
+    "vit_mnist": dict(image_size=28, in_channels=1, patch_size=7, num_layers=6, num_heads=4, embedding_dim=64,
+                      mlp_size=128, dropout=0.0, embedding_dropout=0.0, num_classes=10),
 }
 PAPER_PARAMS = {"vit_b_16": 86e6, "vit_l_16": 307e6, "vit_h_14": 632e6}  # "Params" column of Table 1
 
@@ -731,6 +734,23 @@ def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | Path, name: str = "vit",
+             **extra: Any) -> dict[str, Path]:
+    """Everything a training run leaves behind, in ``out_dir``: ``name``.pth (weights + config + ``extra``),
+    ``name``.json and ``name``.pkl (results) and ``name``_loss_curves.png. Returns the paths by kind."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"model": save_model(model, out_dir / f"{name}.pth", **extra),
+             "results": save_results(results, out_dir / f"{name}.json"),
+             "curves": out_dir / f"{name}_loss_curves.png"}
+    fig = plot_loss_curves(results, title=name)
+    fig.savefig(paths["curves"], dpi=100)
+    plt.close(fig)
+    return paths
 
 
 CHECKPOINT_FORMAT = "vit-from-scratch/1"
