@@ -96,6 +96,8 @@ def resolve_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser, sa
     given = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
     if saved is None:
         recipe = {**DEFAULTS, **given}
+        if "warmup_epochs" not in given and recipe["warmup_epochs"] >= recipe["epochs"]:
+            recipe["warmup_epochs"] = recipe["epochs"] / 10  # a run shorter than the default warm-up: warm up 10% of it
     else:
         clashes = [f"--{k.replace('_', '-')} {v} (saved: {saved[k]})" for k, v in given.items() if saved.get(k) != v]
         if clashes:

@@ -54,6 +54,13 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
         assert list(acc_ax.lines[1].get_ydata()) == straight["test_acc"]
 
 
+def test_the_readme_command_train_py_epochs_1_runs(tmp_path):
+    # The default warm-up (1 epoch) would fill a 1-epoch run; it shrinks to a tenth of the run instead.
+    results = train.main(["--epochs", "1", "--out-dir", str(tmp_path), *TINY])
+    assert len(results["test_acc"]) == 1
+    assert hf.load_checkpoint(tmp_path / "vit_mnist.pth")["recipe"]["warmup_epochs"] == 0.1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "cifar10"], "unknown dataset 'cifar10'; choose one of fashion-mnist, mnist"),
     (["--patch-size", "5"], "--patch-size 5 does not divide the 28x28 images; choose one of [1, 2, 4, 7, 14, 28]"),
