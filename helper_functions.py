@@ -14,6 +14,7 @@ A notebook builds a piece from scratch, shows that it equals the version here, a
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -46,7 +47,7 @@ DATA_DIR = REPO_DIR / "data"  # datasets land here (git-ignored), wherever a not
 MODELS_DIR = REPO_DIR / "models"  # trained weights and results (git-ignored)
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 0. Setup: reproducibility and device (notebook 00)
+# 0. Setup: reproducibility, device and processes (notebook 00)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -76,6 +77,59 @@ def get_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+# Several processes: torchrun starts one per GPU (or per share of a CPU) and each runs the same script ----------------
+
+
+def init_distributed(device: torch.device | str | None = None) -> torch.device:
+    """Join torchrun's process group, if this process was started by torchrun (``WORLD_SIZE`` is set), with the
+    backend that suits the device: ``nccl`` for CUDA GPUs, ``gloo`` for CPUs. Returns the device to train on: with
+    CUDA, this process's own GPU (torchrun's ``LOCAL_RANK``); otherwise ``device`` (default: ``get_device()``).
+
+    Outside torchrun it only returns the device, so one script serves one process and many. ``cleanup_distributed``
+    leaves the group again.
+    """
+    device = torch.device(device) if device is not None else get_device()
+    if "WORLD_SIZE" not in os.environ:
+        return device
+    if device.type == "mps":
+        raise RuntimeError("torchrun on Apple's MPS is not supported by torch.distributed; use --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes files and shows progress (rank 0, or the only process)."""
+    return process_rank()[0] == 0
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block in process 0 first and in the others after it (e.g. a download: the others find its files)."""
+    rank, world = process_rank()
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    yield
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+
+
+def cleanup_distributed() -> None:
+    """Leave torchrun's process group (nothing to do outside torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -311,7 +365,8 @@ def get_fashion_mnist(root: str | Path = DATA_DIR, transform: Callable | None = 
 
 def _get_dataset(dataset: str, root: str | Path, transform: Callable,
                  test_transform: Callable | None) -> tuple[Dataset, Dataset]:
-    ensure_raw_files(root, dataset)
+    with main_process_first():  # under torchrun, one process fetches the files and the others wait for them
+        ensure_raw_files(root, dataset)
     cls = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}[dataset]
     train = cls(root, train=True, transform=transform, download=False)
     test = cls(root, train=False, transform=test_transform or transform, download=False)
@@ -322,13 +377,24 @@ def make_dataloaders(train_data: Dataset, test_data: Dataset, batch_size: int = 
                      seed: int = 42) -> tuple[DataLoader, DataLoader]:
     """Shuffled training loader (seeded) and ordered test loader.
 
-    Defaults suit a CPU-only laptop: MNIST fits in memory, so worker processes cost more than they save
-    (``num_workers=0``), and ``pin_memory`` only helps when copying to a GPU, so it follows ``torch.cuda``.
+    The defaults suit a CPU-only laptop and Colab's GPU alike: MNIST fits in memory, so worker processes cost more than
+    they save (``num_workers=0``), and ``pin_memory`` only helps when copying to a GPU, so it follows ``torch.cuda``.
+    Under torchrun each process gets its share: a ``DistributedSampler`` gives it 1/N of every epoch's shuffle
+    (``train`` reshuffles each epoch with ``set_epoch``), and it tests on every N-th test example, so that metrics
+    summed across processes count each test example once. ``batch_size`` is then per process.
     """
-    generator = torch.Generator().manual_seed(seed)
     pin = torch.cuda.is_available()
-    train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                              pin_memory=pin, generator=generator, persistent_workers=num_workers > 0)
+    rank, world = process_rank()
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=seed)
+        train_loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                  pin_memory=pin, persistent_workers=num_workers > 0)
+        test_data = torch.utils.data.Subset(test_data, range(rank, len(test_data), world))
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                  pin_memory=pin, generator=generator, persistent_workers=num_workers > 0)
     test_loader = DataLoader(test_data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                              pin_memory=pin, persistent_workers=num_workers > 0)
     return train_loader, test_loader
@@ -896,66 +962,142 @@ def plot_bug_vs_fix(runs: dict[str, dict[str, list[float]]], title: str | None =
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def autocast(device: torch.device | str, amp: bool = False) -> contextlib.AbstractContextManager:
+    """Mixed precision when ``amp``: matrix multiplies in bfloat16 on ``device``, precision-sensitive operations
+    (softmax, LayerNorm, the loss) kept in float32 by ``torch.autocast``. bfloat16 has float32's range, so no loss
+    scaling is needed. It pays on recent GPUs; a CPU without bfloat16 instructions runs slower with it."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
+
+
+def sum_across_processes(device: torch.device | str, *values: float) -> list[float]:
+    """Each value summed over all torchrun processes (the values themselves outside torchrun)."""
+    if process_rank()[1] == 1:
+        return list(values)
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)  # every process gets the sums
+    return totals.tolist()
+
+
 def train_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                device: torch.device | str = "cpu", scheduler: Any | None = None,
-               progress: bool | str = False) -> tuple[float, float]:
-    """One pass over ``dataloader`` in training mode; returns (mean loss, accuracy in [0, 1]).
+               progress: bool | str = False, amp: bool = False) -> tuple[float, float]:
+    """One pass over ``dataloader`` in training mode; returns (mean loss, accuracy in [0, 1]), over all processes
+    under torchrun.
 
-    ``scheduler``, if given, is stepped after every batch (warm-up and cosine schedules are per step).
+    ``scheduler``, if given, is stepped after every batch (warm-up and cosine schedules are per step); ``amp`` runs
+    the forward pass in bfloat16 (see ``autocast``). A loss that is NaN or infinite stops the pass before it reaches
+    the weights, with a ``FloatingPointError`` naming the batch.
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in _progress(dataloader, progress, leave=False):
+    for batch, (images, labels) in enumerate(_progress(dataloader, progress, leave=False), start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)  # (batch, num_classes)
-        loss = loss_fn(logits, labels)
+        with autocast(device, amp):
+            logits = model(images)  # (batch, num_classes)
+            loss = loss_fn(logits, labels)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the training loss became {loss_value} at batch {batch} of {len(dataloader)}; "
+                                     f"usual causes: a learning rate that is too high, or inputs that were not "
+                                     f"normalised")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * len(labels)
+        total_loss += loss_value * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum().item()
         seen += len(labels)
+    total_loss, correct, seen = sum_across_processes(device, total_loss, correct, seen)
     return total_loss / seen, correct / seen
 
 
 @torch.inference_mode()
 def test_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module,
-              device: torch.device | str = "cpu") -> tuple[float, float]:
-    """One pass over ``dataloader`` in eval mode, no gradients; returns (mean loss, accuracy in [0, 1])."""
+              device: torch.device | str = "cpu", amp: bool = False) -> tuple[float, float]:
+    """One pass over ``dataloader`` in eval mode, no gradients; returns (mean loss, accuracy in [0, 1]), over all
+    processes under torchrun (each tests its own share, see ``make_dataloaders``)."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in dataloader:
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        total_loss += loss_fn(logits, labels).item() * len(labels)
+        with autocast(device, amp):
+            logits = model(images)
+            total_loss += loss_fn(logits, labels).item() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum().item()
         seen += len(labels)
+    total_loss, correct, seen = sum_across_processes(device, total_loss, correct, seen)
     return total_loss / seen, correct / seen
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s and ``DistributedDataParallel``'s wrappers (which prefix its state-dict keys
+    with ``_orig_mod.`` and ``module.``): the one to evaluate, save and look inside."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def parallelize(model: nn.Module, device: torch.device | str, compile: bool = False) -> nn.Module:
+    """``model`` on ``device``, ready to train: under torchrun wrapped in ``DistributedDataParallel`` (which copies
+    process 0's weights to every process, then averages the gradients across processes in each backward pass, so all
+    copies take the same steps), then compiled with ``torch.compile`` if asked. The weights stay ``model``'s own."""
+    device = torch.device(device)
+    model = model.to(device)
+    if process_rank()[1] > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every tensor in ``model``'s state dict, bit for bit: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for key, tensor in unwrap(model).state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_processes_agree(model: nn.Module) -> str:
+    """Under torchrun, check that every process holds exactly the same weights (what DistributedDataParallel
+    promises); returns the weights' digest, or raises naming the processes that differ. A collective call."""
+    digest = weights_digest(model)
+    rank, world = process_rank()
+    if world > 1:
+        digests: list[Any] = [None] * world
+        torch.distributed.all_gather_object(digests, digest)
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise RuntimeError(f"the weights of processes {differ} differ from process 0's after training; every "
+                               f"process must build the same model and step it through DistributedDataParallel")
+    return digest
 
 
 def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataLoader,
           optimizer: torch.optim.Optimizer, loss_fn: nn.Module, epochs: int, device: torch.device | str = "cpu",
           scheduler: Any | None = None, progress: bool = True, start_epoch: int = 0,
-          on_epoch_end: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
+          on_epoch_end: Callable[[int, dict[str, list[float]]], None] | None = None,
+          amp: bool = False) -> dict[str, list[float]]:
     """Train for ``epochs`` epochs, testing after each; returns ``{"train_loss", "train_acc", "test_loss",
     "test_acc"}``, each a list of plain floats, one per epoch (accuracies in [0, 1]).
 
     With ``progress=True`` tqdm shows a bar over the epochs and one over each epoch's batches (widgets in Jupyter,
     text in a terminal), and one line of metrics is printed per epoch. ``start_epoch`` only numbers the epochs (a
     resumed run trains epochs ``start_epoch + 1 ...``); ``on_epoch_end(epoch, results)``, if given, is called after
-    each epoch with its 1-based number and the results so far (train.py saves a checkpoint there).
+    each epoch with its 1-based number and the results so far (train.py saves a checkpoint there). ``model`` may be
+    wrapped by ``parallelize``; testing uses the model inside. ``amp``: see ``autocast``.
     """
     model.to(device)
+    sampler = getattr(getattr(train_dataloader, "dataloader", train_dataloader), "sampler", None)
     results: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
     for epoch in _progress(range(start_epoch, start_epoch + epochs), progress, desc="epochs"):
-        train_loss, train_acc = train_step(model, train_dataloader, loss_fn, optimizer, device, scheduler,
-                                           progress=f"epoch {epoch + 1}" if progress else False)
-        test_loss, test_acc = test_step(model, test_dataloader, loss_fn, device)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"the training loss became {train_loss} in epoch {epoch + 1}; usual causes: a "
-                                     f"learning rate that is too high, or inputs that were not normalised")
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)  # a new shuffle each epoch, the same in every process
+        try:
+            train_loss, train_acc = train_step(model, train_dataloader, loss_fn, optimizer, device, scheduler,
+                                               progress=f"epoch {epoch + 1}" if progress else False, amp=amp)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"epoch {epoch + 1}: {error}") from None
+        test_loss, test_acc = test_step(unwrap(model), test_dataloader, loss_fn, device, amp=amp)
         for key, value in zip(results, (train_loss, train_acc, test_loss, test_acc)):
             results[key].append(float(value))
         if progress:
@@ -1213,33 +1355,78 @@ class TrainingSetup:
         if augment:
             self.train_loader = AugmentedLoader(self.train_loader, random_affine)
         self.model = vit_from_config(config, **model_overrides)
+        _seed_per_process(seed)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         steps_per_epoch = len(self.train_loader)
         self.scheduler = warmup_cosine_schedule(self.optimizer, total_steps=epochs * steps_per_epoch,
                                                 warmup_steps=round(warmup_epochs * steps_per_epoch))
 
-    def train(self, epochs: int | None = None, device: torch.device | str = "cpu", **kwargs: Any):
-        """``hf.train`` on this setup (all of ``self.epochs`` unless ``epochs`` is given); returns its results."""
-        return train(self.model, self.train_loader, self.test_loader, self.optimizer, self.loss_fn,
-                     self.epochs if epochs is None else epochs, device, self.scheduler, **kwargs)
+    def train(self, epochs: int | None = None, device: torch.device | str = "cpu", compile: bool = False,
+              **kwargs: Any):
+        """``hf.train`` on this setup (all of ``self.epochs`` unless ``epochs`` is given), with the model
+        ``parallelize``d (DistributedDataParallel under torchrun, ``torch.compile`` if asked); returns its results."""
+        return train(parallelize(self.model, device, compile), self.train_loader, self.test_loader, self.optimizer,
+                     self.loss_fn, self.epochs if epochs is None else epochs, device, self.scheduler, **kwargs)
 
-    def _shuffle_generator(self) -> torch.Generator:
-        return getattr(self.train_loader, "dataloader", self.train_loader).generator
+    def _shuffle_generator(self) -> torch.Generator | None:
+        return getattr(self.train_loader, "dataloader", self.train_loader).generator  # None under torchrun
 
     def training_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the weights: optimizer and schedule state, and the random number
-        generators (PyTorch's, which augmentation draws from, and the loader's shuffling one), so that resuming
-        continues exactly where the run stopped."""
+        generators (PyTorch's, which augmentation and dropout draw from, and the loader's shuffling one), so that
+        resuming continues exactly where the run stopped. Under torchrun every process must call it (it gathers each
+        process's generator state); a DistributedSampler's shuffle needs no state (it is seeded by the epoch)."""
+        generator = self._shuffle_generator()
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "shuffle_rng": self._shuffle_generator().get_state()}
+                **_rng_states(), "shuffle_rng": generator.get_state() if generator is not None else None}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         """Restore ``training_state()``; move the model to its device first, so the optimizer state lands there too."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self._shuffle_generator().set_state(state["shuffle_rng"])
+        _set_rng_states(state)
+        generator = self._shuffle_generator()
+        if generator is not None and state.get("shuffle_rng") is not None:
+            generator.set_state(state["shuffle_rng"])
+
+
+def _seed_per_process(seed: int) -> None:
+    """Under torchrun, give each process its own random draws (augmentation, dropout) after the model is built; the
+    weights are the same everywhere anyway, because DistributedDataParallel copies process 0's."""
+    rank, world = process_rank()
+    if world > 1:
+        torch.manual_seed(seed + rank)
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's PyTorch generator states (CPU, and its GPU's if it uses one); under torchrun also every
+    process's, gathered (a collective call: every process must make it)."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    states: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+    rank, world = process_rank()
+    if world > 1:
+        per_process: list[Any] = [None] * world
+        torch.distributed.all_gather_object(per_process, (states["torch_rng"], cuda))
+        states["rng_per_process"] = per_process
+    return states
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    """Restore ``_rng_states()``: each process its own state when the number of processes is the one saved."""
+    rank, world = process_rank()
+    per_process = state.get("rng_per_process")
+    if per_process is not None and len(per_process) == world:
+        cpu, cuda = per_process[rank]
+    else:
+        cpu, cuda = state["torch_rng"], state.get("cuda_rng")
+    torch.set_rng_state(cpu)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+    if world > 1 and (per_process is None or len(per_process) != world):
+        print(f"Resuming with {world} processes where the run was saved with {len(per_process or [0])}: the data and "
+              f"augmentation draws differ from those of an uninterrupted run from here on")
+        _seed_per_process(int(torch.randint(2**31, ())))
 
 
 @torch.inference_mode()
@@ -1271,9 +1458,10 @@ def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = Fa
             return load_vit(path).eval(), load_results(path.with_suffix(".json"))
         print(f"{path} was trained with another recipe; training again")
     setup = TrainingSetup(**recipe)
-    results = setup.train(progress=progress)
-    save_run(setup.model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
-             std=setup.std, recipe=recipe)
+    results = setup.train(progress=progress and is_main_process())  # under torchrun, all processes train it
+    if is_main_process():
+        save_run(setup.model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
+                 std=setup.std, recipe=recipe)
     return setup.model.eval(), results
 
 
@@ -1445,12 +1633,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs: int, lr: float = 1e-3,
               batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: float = 1, seed: int = 42,
-              device: torch.device | str = "cpu", progress: bool = True) -> dict[str, list[float]]:
+              device: torch.device | str = "cpu", progress: bool = True, amp: bool = False,
+              compile: bool = False) -> dict[str, list[float]]:
     """Train ``model``'s trainable parameters (all of them, or only the head after ``freeze_backbone``) with AdamW and
     the warm-up + cosine schedule, through the shared engine ``train``; returns its results.
 
     The same call trains a freshly initialised model, so from-scratch, linear-probe and fine-tuning runs differ only in
-    the model they are given (and the learning rate).
+    the model they are given (and the learning rate). Under torchrun it trains data-parallel (see ``parallelize``).
     """
     params = trainable_parameters(model)
     if not params:
@@ -1462,8 +1651,9 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs:
     steps_per_epoch = len(train_loader)
     scheduler = warmup_cosine_schedule(optimizer, total_steps=epochs * steps_per_epoch,
                                        warmup_steps=round(warmup_epochs * steps_per_epoch))
-    return train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs, device, scheduler,
-                 progress=progress)
+    _seed_per_process(seed)
+    return train(parallelize(model, device, compile), train_loader, test_loader, optimizer, nn.CrossEntropyLoss(),
+                 epochs, device, scheduler, progress=progress, amp=amp)
 
 
 # ImageNet: torchvision's ViT-B/16 weights, loaded into our ViT --------------------------------------------------------

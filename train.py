@@ -4,10 +4,16 @@
     python train.py --dataset fashion-mnist --epochs 8
     python train.py --epochs 30 --stop-after 10                   # train 10 of 30 planned epochs, then stop
     python train.py --resume                                      # ... and continue from the last saved epoch
+    torchrun --nproc_per_node=2 train.py --epochs 8               # data-parallel: 2 processes (GPUs, or CPU shares)
+    python train.py --epochs 8 --amp --compile                    # bfloat16 autocast, torch.compile
 
 A run writes <out-dir>/<name>.pth (weights, config, optimizer and schedule state), <name>.json and <name>.pkl (the
 results) and <name>_loss_curves.png, after every epoch. The training itself is helper_functions' engine, the same
 one notebook 07 uses (``TrainingSetup``, ``train``, ``save_run``): there is no second training loop here.
+
+Under torchrun every process runs this script: each trains on its share of every batch-sized slice of the data
+(DistributedDataParallel averages the gradients, so all keep the same weights), metrics are summed across processes,
+and only process 0 prints, shows progress and writes files. --batch-size is per process.
 """
 from __future__ import annotations
 
@@ -76,19 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> argparse._ArgumentGroup:
-    """--out-dir, --name, --device and --no-progress: where a run's files go and what it runs on (shared with
-    train_transferlearning.py)."""
-    out = parser.add_argument_group("output")
+    """--out-dir, --name, --device, --amp, --compile and --no-progress: where a run's files go and what it runs on
+    (shared with train_transferlearning.py)."""
+    out = parser.add_argument_group("output and hardware")
     out.add_argument("--out-dir", dest="out_dir", type=Path, default=Path("runs"), help="[runs]")
     out.add_argument("--name", help=f"file names in --out-dir [{default_name}]")
-    out.add_argument("--device", default="auto", help="cpu, cuda, mps or auto [auto]")
+    out.add_argument("--device", default="auto", help="cpu, cuda, mps or auto; under torchrun each process takes "
+                                                      "its own GPU [auto]")
+    out.add_argument("--amp", action="store_true", help="mixed precision: bfloat16 autocast (fast on recent GPUs; "
+                                                        "slower on CPUs without bfloat16 instructions)")
+    out.add_argument("--compile", action="store_true", help="torch.compile the model (a minute of compiling first; "
+                                                            "needs a C++ compiler on a CPU)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return out
 
 
 def resolve_device(name: str) -> torch.device:
-    """``--device auto`` -> the best available (hf.get_device), otherwise the named device."""
-    return hf.get_device() if name == "auto" else torch.device(name)
+    """``--device auto`` -> the best available (hf.get_device), otherwise the named device; under torchrun, also join
+    the process group (gloo on CPUs, nccl on GPUs, each process on its own GPU)."""
+    return hf.init_distributed(hf.get_device() if name == "auto" else torch.device(name))
+
+
+def say(*args: object) -> None:
+    """print, in process 0 only (under torchrun every process runs this script)."""
+    if hf.is_main_process():
+        print(*args, flush=True)
 
 
 def resolve_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser, saved: dict | None) -> dict:
@@ -144,6 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
     # 2. Data, model, loss, AdamW and the warm-up + cosine schedule: the same setup notebook 07 uses
     device = resolve_device(args.device)
+    try:
+        return _train(args, recipe, checkpoint, path, name, done, stop, device)
+    finally:
+        hf.cleanup_distributed()
+
+
+def _train(args: argparse.Namespace, recipe: dict, checkpoint: dict | None, path: Path, name: str, done: int,
+           stop: int, device: torch.device) -> dict[str, list[float]]:
     setup = hf.TrainingSetup(config="vit_mnist", **recipe)
     setup.model.to(device)
     results = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
@@ -151,26 +177,36 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         setup.model.load_state_dict(checkpoint["state_dict"])
         setup.load_training_state(checkpoint["train_state"])
         results = checkpoint["history"]
-        print(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
-    print(f"{recipe['dataset']}: {len(setup.train_data)} training, {len(setup.test_data)} test images | "
-          f"{sum(p.numel() for p in setup.model.parameters()):,} parameters | device {device}")
-    print("recipe:", " ".join(f"{k}={v}" for k, v in recipe.items()))
+        say(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
+    processes = hf.process_rank()[1]
+    say(f"{recipe['dataset']}: {len(setup.train_data)} training, {len(setup.test_data)} test images | "
+        f"{sum(p.numel() for p in setup.model.parameters()):,} parameters | device {device}"
+        + (f" | {processes} processes ({torch.distributed.get_backend()})" if processes > 1 else "")
+        + (" | bfloat16 autocast" if args.amp else "") + (" | torch.compile" if args.compile else ""))
+    say("recipe:", " ".join(f"{k}={v}" for k, v in recipe.items()))
 
-    # 3. Train with the shared engine, saving everything after every epoch
+    # 3. Train with the shared engine, saving everything after every epoch (process 0 writes)
     start = time.perf_counter()
 
     def save(epoch: int, new_results: dict[str, list[float]]) -> None:
         so_far = {k: results[k] + new_results[k] for k in results}
-        hf.save_run(setup.model, so_far, args.out_dir, name=name, dataset=recipe["dataset"], mean=setup.mean,
-                    std=setup.std, recipe=recipe, epoch=epoch, history=so_far, train_state=setup.training_state())
-        print(f"epoch {epoch}/{recipe['epochs']}: test_acc {so_far['test_acc'][-1]:.4f} | "
-              f"{time.perf_counter() - start:.0f} s | saved {path}", flush=True)
+        train_state = setup.training_state()  # every process takes part: it gathers their random states
+        if hf.is_main_process():
+            hf.save_run(setup.model, so_far, args.out_dir, name=name, dataset=recipe["dataset"], mean=setup.mean,
+                        std=setup.std, recipe=recipe, epoch=epoch, history=so_far, train_state=train_state,
+                        processes=processes)
+        say(f"epoch {epoch}/{recipe['epochs']}: test_acc {so_far['test_acc'][-1]:.4f} | "
+            f"{time.perf_counter() - start:.0f} s | saved {path}")
 
-    new = setup.train(stop - done, device, progress=args.progress, start_epoch=done, on_epoch_end=save)
+    new = setup.train(stop - done, device, compile=args.compile, amp=args.amp,
+                      progress=args.progress and hf.is_main_process(), start_epoch=done, on_epoch_end=save)
     results = {k: results[k] + new[k] for k in results}
-    print(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {len(results['test_acc'])} epochs; "
-          f"{time.perf_counter() - start:.0f} s of training in this session. Files in {args.out_dir}/: "
-          f"{name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
+    if processes > 1:
+        digest = hf.check_processes_agree(setup.model)
+        say(f"weights identical in all {processes} processes (sha256 {digest[:16]})")
+    say(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {len(results['test_acc'])} epochs; "
+        f"{time.perf_counter() - start:.0f} s of training in this session. Files in {args.out_dir}/: "
+        f"{name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
     return results
 
 

@@ -7,6 +7,8 @@
     python train_transferlearning.py --imagenet --freeze --epochs 2 --subset 1000  # ViT-B/16, ImageNet weights
     python train_transferlearning.py --weights vit_b_16-c867db91.pth --freeze     # ... from a file you downloaded
 
+Like train.py, it runs unchanged under ``torchrun --nproc_per_node=N`` (data-parallel; process 0 prints and writes).
+
 Without --pretrained, the Fashion-MNIST ViT of notebook 09 is loaded from models/ (or trained there first, a few
 minutes on a CPU). A run writes the same files as train.py: <out-dir>/<name>.pth (weights, config, dataset,
 normalisation, recipe), <name>.json and <name>.pkl (results) and <name>_loss_curves.png. Training is
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 import helper_functions as hf
-from train import add_output_arguments, positive_int, resolve_device
+from train import add_output_arguments, positive_int, resolve_device, say
 
 DEFAULTS = dict(epochs=30, num_labels=500, batch_size=25, weight_decay=0.05, warmup_epochs=1, seed=42)  # notebook 09
 LEARNING_RATES = {"finetune": 1e-3, "probe": 3e-2, "scratch": 1e-3}  # notebook 09, step 5
@@ -96,11 +98,19 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     lr = args.lr if args.lr is not None else LEARNING_RATES[mode]
     name = args.name or f"vit_{'b_16_imagenet_' if imagenet else ''}mnist_{args.num_labels}_labels_{mode}"
     device = resolve_device(args.device)
+    try:
+        return _transfer(args, parser, imagenet, mode, lr, name, device)
+    finally:
+        hf.cleanup_distributed()
 
+
+def _transfer(args: argparse.Namespace, parser: argparse.ArgumentParser, imagenet: bool, mode: str, lr: float,
+              name: str, device: torch.device) -> dict[str, list[float]]:
     # 1. The backbone: ImageNet ViT-B/16, our pretrained ViT, or a fresh one; then a new head, frozen backbone or not
     if imagenet:
         try:
-            model = hf.imagenet_vit(args.weights, num_classes=10, freeze=args.freeze)
+            with hf.main_process_first():  # under torchrun, one process downloads the weights
+                model = hf.imagenet_vit(args.weights, num_classes=10, freeze=args.freeze)
         except hf.WeightsNotAvailableError as error:
             print(error, file=sys.stderr)
             raise SystemExit(1) from None
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         mean, std = hf.MNIST_MEAN, hf.MNIST_STD
         train_data, test_data = mnist_data(args.num_labels, args.seed, args.subset)
     trainable = sum(p.numel() for p in hf.trainable_parameters(model))
-    print(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
+    say(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
           f"{sum(p.numel() for p in model.parameters()):,} parameters learn | {len(train_data)} labelled training "
           f"digits, {len(test_data)} test digits | device {device}")
 
@@ -142,10 +152,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     start = time.perf_counter()
     results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=lr, batch_size=args.batch_size,
                            weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                           device=device, progress=args.progress)
+                           device=device, progress=args.progress and hf.is_main_process(), amp=args.amp,
+                           compile=args.compile)
     model.requires_grad_(True)  # a loaded model should train like any other; the recipe records the freezing
-    hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std, recipe=recipe)
-    print(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs "
+    if hf.is_main_process():
+        hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std, recipe=recipe)
+    say(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs "
           f"({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, {name}.json, {name}.pkl, "
           f"{name}_loss_curves.png")
     return results
