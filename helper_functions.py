@@ -1,12 +1,14 @@
 """Everything the notebooks build, in the order the notebooks build it.
 
-Notebook 00 — setup and data: seeds, device, offline-safe MNIST / Fashion-MNIST, DataLoaders.
+Notebook 00 — setup and data: seeds, device (and torchrun's processes), offline-safe MNIST / Fashion-MNIST,
+    DataLoaders.
 Notebooks 01-05 — the model, equation by equation (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"):
     PatchEmbedding (Eq. 1), MultiHeadSelfAttention (Eq. 2), MLPBlock (Eq. 3), TransformerEncoderBlock, ViT (Eq. 4),
     named configurations (Table 1) and loading torchvision's ViT weights.
 Notebook 06 — the classic bugs as importable variants, and the detectors that catch them.
 Notebook 07 — the training engine shared by every notebook and script: train_step, test_step, train,
-    plot_loss_curves, save/load of models and results.
+    plot_loss_curves, save/load of models and results; and what scales it up for train.py: several processes under
+    torchrun (DistributedDataParallel), bfloat16 autocast, torch.compile.
 Notebook 08 — looking inside a trained ViT: filters, position-embedding similarity, attention rollout and distance.
 Notebook 09 — transfer learning: pretrained backbones, frozen or fine-tuned, with a new head.
 
