@@ -1415,20 +1415,16 @@ def _rng_states() -> dict[str, Any]:
 
 
 def _set_rng_states(state: dict[str, Any]) -> None:
-    """Restore ``_rng_states()``: each process its own state when the number of processes is the one saved."""
+    """Restore ``_rng_states()``, each process its own; the number of processes must be the one saved."""
     rank, world = process_rank()
-    per_process = state.get("rng_per_process")
-    if per_process is not None and len(per_process) == world:
-        cpu, cuda = per_process[rank]
-    else:
-        cpu, cuda = state["torch_rng"], state.get("cuda_rng")
+    per_process = state.get("rng_per_process") or [(state["torch_rng"], state.get("cuda_rng"))]
+    if len(per_process) != world:
+        raise ValueError(f"the run was saved by {len(per_process)} process(es) and is resumed by {world}; its schedule "
+                         f"and random states are per process, so resume it with {len(per_process)}")
+    cpu, cuda = per_process[rank]
     torch.set_rng_state(cpu)
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
-    if world > 1 and (per_process is None or len(per_process) != world):
-        print(f"Resuming with {world} processes where the run was saved with {len(per_process or [0])}: the data and "
-              f"augmentation draws differ from those of an uninterrupted run from here on")
-        _seed_per_process(int(torch.randint(2**31, ())))
 
 
 @torch.inference_mode()

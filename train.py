@@ -162,6 +162,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
     # 2. Data, model, loss, AdamW and the warm-up + cosine schedule: the same setup notebook 07 uses
     device = resolve_device(args.device)
+    processes = hf.process_rank()[1]
+    if checkpoint and checkpoint.get("processes", 1) != processes:
+        saved = checkpoint.get("processes", 1)
+        parser.error(f"--resume: {path} was trained by {saved} process(es) and this is {processes}; the schedule and "
+                     f"the random states are per process, so resume it with "
+                     + ("plain python" if saved == 1 else f"torchrun --nproc_per_node={saved}"))
     try:
         return _train(args, recipe, checkpoint, path, name, done, stop, device)
     finally:

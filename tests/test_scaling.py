@@ -7,10 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 import helper_functions as hf
+import train
 from ddp_worker import TINY as WORKER_RECIPE
 from test_engine import _tiny_vit, _toy_loaders
 from test_train import TINY
@@ -44,7 +46,7 @@ def test_two_processes_keep_identical_weights_and_share_the_data_and_the_metrics
     assert accuracy == reports[0]["results"]["test_acc"][-1]
 
 
-def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path):
+def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path, capsys):
     train_py = str(REPO / "train.py")
     straight = _run([*TORCHRUN, train_py, "--epochs", "3", "--out-dir", str(tmp_path / "a"), *TINY]).stdout
     assert "2 processes (gloo)" in straight
@@ -58,6 +60,9 @@ def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path
 
     # Stopped after epoch 1 and resumed, still with 2 processes: the same weights, bit for bit
     _run([*TORCHRUN, train_py, "--epochs", "3", "--stop-after", "1", "--out-dir", str(tmp_path / "b"), *TINY])
+    with pytest.raises(SystemExit):  # one process cannot continue two processes' schedule and random states
+        train.main(["--resume", "--out-dir", str(tmp_path / "b")])
+    assert "trained by 2 process(es) and this is 1" in capsys.readouterr().err
     _run([*TORCHRUN, train_py, "--resume", "--out-dir", str(tmp_path / "b"), "--no-progress"])
     resumed = hf.load_checkpoint(tmp_path / "b" / "vit_mnist.pth")
     assert resumed["history"] == run["history"]
