@@ -541,8 +541,10 @@ class TransformerEncoderBlock(nn.Module):
 
 class ViT(nn.Module):
     """The Vision Transformer: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos (Eq. 1), L encoder blocks (Eqs. 2-3),
-    y = LN(z_L^0) (Eq. 4) and a linear head.
+    y = LN(z_L^0) (Eq. 4) and the head.
 
+    The head is one linear layer (the paper's fine-tuning head), or with ``representation_size=R`` a hidden
+    ``Linear(D, R)`` + tanh before it (the pre-training head, Sec. 3.1; torchvision's ``heads.pre_logits``).
     ``pool="cls"`` classifies from the class token (the paper's default); ``pool="mean"`` drops the class token and
     averages the final tokens (global average pooling, the paper's Appendix D.3 alternative).
     Defaults are ViT-Base/16 (Table 1) with the paper's ImageNet dropout (Table 3); ``self.config`` holds every
@@ -553,7 +555,7 @@ class ViT(nn.Module):
                  num_layers: int = 12, num_heads: int = 12, embedding_dim: int = 768,  # L, k, D: Table 1 (Base)
                  mlp_size: int = 3072, dropout: float = 0.1, attn_dropout: float = 0.0,  # MLP size: Table 1; Table 3
                  embedding_dropout: float = 0.1, num_classes: int = 1000, pool: str = "cls",  # Appendix B.1
-                 layer_norm_eps: float = 1e-6) -> None:
+                 layer_norm_eps: float = 1e-6, representation_size: int | None = None) -> None:
         super().__init__()
         if pool not in {"cls", "mean"}:
             raise ValueError(f"pool must be 'cls' (class token) or 'mean' (average of the tokens), got {pool!r}")
@@ -566,7 +568,8 @@ class ViT(nn.Module):
         self.config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
                            num_layers=num_layers, num_heads=num_heads, embedding_dim=embedding_dim, mlp_size=mlp_size,
                            dropout=dropout, attn_dropout=attn_dropout, embedding_dropout=embedding_dropout,
-                           num_classes=num_classes, pool=pool, layer_norm_eps=layer_norm_eps)
+                           num_classes=num_classes, pool=pool, layer_norm_eps=layer_norm_eps,
+                           representation_size=representation_size)
         self.image_size = image_size
         self.pool = pool
         num_patches = (image_size // patch_size) ** 2  # N = HW / P^2
@@ -581,7 +584,9 @@ class ViT(nn.Module):
             for _ in range(num_layers)
         ])
         self.norm = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)  # the LN of Eq. 4
-        self.head = nn.Linear(embedding_dim, num_classes)
+        self.pre_logits = (nn.Identity() if representation_size is None  # pre-training head: Linear + tanh
+                           else nn.Sequential(nn.Linear(embedding_dim, representation_size), nn.Tanh()))
+        self.head = nn.Linear(representation_size or embedding_dim, num_classes)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 1: (batch, channels, height, width) -> (batch, num_tokens, embedding_dim)."""
@@ -602,7 +607,7 @@ class ViT(nn.Module):
         return self.norm(z)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # (batch, num_classes)
+        return self.head(self.pre_logits(self.features(images)))  # (batch, num_classes)
 
 
 # Table 1 of the paper; image size 224 and patch size in the name, as in torchvision.
@@ -629,18 +634,18 @@ def torchvision_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
 
     conv_proj -> patch_embedding.projection, encoder.pos_embedding -> position_embedding,
     encoder.layers.encoder_layer_i -> encoder.i, self_attention.in_proj_{weight,bias} -> self_attention.qkv.{...},
-    encoder.ln -> norm, heads.head -> head. Everything else keeps its name.
+    encoder.ln -> norm, heads.pre_logits -> pre_logits.0 (with ``representation_size``), heads.head -> head.
+    Everything else keeps its name.
     """
     renamed = {}
     for key, value in state_dict.items():
-        if key.startswith("heads.pre_logits"):
-            raise ValueError("this checkpoint has a pre-logits layer (representation_size), which our ViT does not")
         new = (key.replace("conv_proj.", "patch_embedding.projection.")
                .replace("encoder.pos_embedding", "position_embedding")
                .replace("encoder.layers.encoder_layer_", "encoder.")
                .replace("self_attention.in_proj_weight", "self_attention.qkv.weight")
                .replace("self_attention.in_proj_bias", "self_attention.qkv.bias")
                .replace("encoder.ln.", "norm.")
+               .replace("heads.pre_logits.", "pre_logits.0.")
                .replace("heads.head.", "head."))
         renamed[new] = value
     return renamed

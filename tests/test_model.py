@@ -402,9 +402,17 @@ def test_torchvision_weights_for_another_head_size_are_refused_with_the_key_name
         hf.load_torchvision_vit_weights(hf.ViT(**TINY | dict(in_channels=3, num_layers=1)), reference)
 
 
-def test_checkpoint_with_pre_logits_layer_is_refused():
-    with pytest.raises(ValueError, match="pre-logits"):
-        hf.torchvision_to_ours({"heads.pre_logits.weight": torch.zeros(2, 2)})
+def test_torchvision_pre_logits_head_loads_exactly_with_representation_size():
+    torch.manual_seed(0)
+    reference = torchvision.models.VisionTransformer(image_size=28, patch_size=7, num_layers=1, num_heads=4,
+                                                     hidden_dim=32, mlp_dim=64, num_classes=10,
+                                                     representation_size=48).eval()
+    ours = hf.ViT(**TINY | dict(in_channels=3, num_layers=1, representation_size=48)).eval()
+    hf.load_torchvision_vit_weights(ours, reference)
+    images = torch.randn(2, 3, 28, 28)
+    assert torch.allclose(ours(images), reference(images), atol=1e-5)
+    with pytest.raises(ValueError, match="unexpected keys: .*pre_logits"):
+        hf.load_torchvision_vit_weights(hf.ViT(**TINY | dict(in_channels=3, num_layers=1)), reference)
 
 
 def test_torchvision_checkpoint_uses_the_cached_file_without_downloading(tmp_path, monkeypatch):
