@@ -408,7 +408,7 @@ def make_dataloaders(train_data: Dataset, test_data: Dataset, batch_size: int = 
 
 
 class PatchEmbedding(nn.Module):
-    """Cut an image into P x P patches and project each linearly to D values: the x_p^i E of Eq. 1.
+    """Cut images into P x P patches and project each to D values: the x_p^i E of Eq. 1.
 
     A Conv2d with kernel = stride = P applies the same (P*P*C -> D) matrix E to every patch; the einops pattern then
     lays the patch grid out as a sequence, row by row.
@@ -416,6 +416,9 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, in_channels: int = 3, patch_size: int = 16, embedding_dim: int = 768) -> None:  # P, D: Table 1
         super().__init__()
+        for name, size in dict(in_channels=in_channels, patch_size=patch_size, embedding_dim=embedding_dim).items():
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.projection = nn.Conv2d(in_channels, embedding_dim, kernel_size=patch_size, stride=patch_size)
@@ -424,7 +427,13 @@ class PatchEmbedding(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"expected a batch of images (batch, channels, height, width), got shape {tuple(x.shape)}; "
                              "add a batch dimension with x.unsqueeze(0)")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images, got {x.dtype}; scale them to float and normalise, e.g. "
+                             "(x.float() / 255 - mean) / std (transforms.ToTensor() and transforms.Normalize do both)")
         _, channels, height, width = x.shape
+        if channels != self.in_channels and x.shape[-1] == self.in_channels:
+            raise ValueError(f"expected (batch, channels, height, width), got {tuple(x.shape)}, which looks "
+                             "channels-last; move the channels first with x.permute(0, 3, 1, 2)")
         if channels != self.in_channels:
             raise ValueError(f"expected {self.in_channels} channel(s), got {channels}; convert the images "
                              f"(e.g. x.repeat(1, 3, 1, 1) for greyscale -> RGB) or build the model with "
@@ -436,27 +445,47 @@ class PatchEmbedding(nn.Module):
         return rearrange(x, "b d h w -> b (h w) d")  # (batch, num_patches, embedding_dim)
 
 
+class ImagePatches(nn.Module):
+    """The blog's patcher: ``nn.Unfold`` cuts P x P patches every ``stride`` pixels, a Linear embeds each one.
+
+    Returns (embeddings, patches). Unfold keeps only the patches that fit whole, so where P does not divide the image
+    the pixels at the right and bottom edges are silently dropped; with stride < P the patches overlap.
+    """
+
+    def __init__(self, patch_size: int = 8, in_channels: int = 3, stride: int = 8, embedding_dim: int = 768) -> None:
+        super().__init__()
+        self.unfold = nn.Unfold(kernel_size=patch_size, stride=stride)
+        self.patch_embedding = nn.Linear(patch_size * patch_size * in_channels, embedding_dim)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patches = rearrange(self.unfold(images), "b cpp n -> b n cpp")  # (batch, num_patches, C*P*P)
+        return self.patch_embedding(patches), patches  # (batch, num_patches, embedding_dim), the patches
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. Multi-head self-attention, Eq. 2 (notebook 02)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """MSA(z) = [head_1; ...; head_k] W^O with head_i = softmax(q_i k_i^T / sqrt(D_h)) v_i (Eq. 2, Appendix A).
+    """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with SA_i(z) = softmax(q_i k_i^T / sqrt(D_h)) v_i (Appendix A).
 
-    One fused linear layer computes q, k and v for all heads at once (its weight is laid out [W_q; W_k; W_v], as in
-    ``nn.MultiheadAttention.in_proj_weight``); ``F.scaled_dot_product_attention`` does the softmax(q k^T / sqrt(d)) v.
+    One linear layer computes q, k and v for all heads at once (its weight is laid out [W_q; W_k; W_v], as in
+    ``nn.MultiheadAttention.in_proj_weight``); ``F.scaled_dot_product_attention`` does softmax(q k^T / sqrt(D_h)) v.
     """
 
     def __init__(self, embedding_dim: int = 768, num_heads: int = 12, attn_dropout: float = 0.0) -> None:  # Table 1
         super().__init__()
+        for name, size in dict(embedding_dim=embedding_dim, num_heads=num_heads).items():
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         if embedding_dim % num_heads:
             raise ValueError(f"embedding_dim={embedding_dim} is not divisible by num_heads={num_heads}; each head "
                              f"gets embedding_dim / num_heads values, so choose numbers that divide")
         self.num_heads = num_heads
         self.attn_dropout = attn_dropout
-        self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)  # [W_q; W_k; W_v], all heads
-        self.out_proj = nn.Linear(embedding_dim, embedding_dim)  # W^O
+        self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)  # U_qkv of all heads: [W_q; W_k; W_v]
+        self.out_proj = nn.Linear(embedding_dim, embedding_dim)  # U_msa
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = self.qkv(x)  # (batch, seq, 3 * embedding_dim)
@@ -470,7 +499,7 @@ class MultiHeadSelfAttention(nn.Module):
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (batch, seq, embedding_dim)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The softmax(q k^T / sqrt(D_h)) matrices that ``forward`` uses, for looking inside: (batch, heads, seq, seq)."""
+        """The softmax(q k^T / sqrt(D_h)) matrices that ``forward`` uses: (batch, heads, seq, seq)."""
         q, k, _ = self._heads(x)
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
@@ -503,12 +532,15 @@ class MLPBlock(nn.Sequential):
     """
 
     def __init__(self, embedding_dim: int = 768, mlp_size: int = 3072, dropout: float = 0.1) -> None:  # Tables 1, 3
+        for name, size in dict(embedding_dim=embedding_dim, mlp_size=mlp_size).items():
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         super().__init__(
-            nn.Linear(embedding_dim, mlp_size),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(mlp_size, embedding_dim),
-            nn.Dropout(dropout),
+            nn.Linear(embedding_dim, mlp_size),  # 1. D -> MLP size
+            nn.GELU(),  # 2.
+            nn.Dropout(dropout),  # 3.
+            nn.Linear(mlp_size, embedding_dim),  # 4. MLP size -> D
+            nn.Dropout(dropout),  # 5.
         )
 
 
@@ -523,15 +555,25 @@ class TransformerEncoderBlock(nn.Module):
     def __init__(self, embedding_dim: int = 768, num_heads: int = 12, mlp_size: int = 3072,  # Table 1 (ViT-Base)
                  dropout: float = 0.1, attn_dropout: float = 0.0, layer_norm_eps: float = 1e-6) -> None:
         super().__init__()
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:  # the parts check their other sizes
+            raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
         self.ln_1 = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)
-        self.self_attention = MultiHeadSelfAttention(embedding_dim, num_heads, attn_dropout)
-        self.dropout = nn.Dropout(dropout)  # after W^O, the dense layer that ends MSA (Appendix B.1)
+        self.self_attention = MultiHeadSelfAttention(embedding_dim, num_heads, attn_dropout)  # notebook 02
+        self.dropout = nn.Dropout(dropout)  # after U_msa, the dense layer that ends MSA (Appendix B.1)
         self.ln_2 = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)
-        self.mlp = MLPBlock(embedding_dim, mlp_size, dropout)
+        self.mlp = MLPBlock(embedding_dim, mlp_size, dropout)  # notebook 03
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, seq, embedding_dim) in and out
         x = x + self.dropout(self.self_attention(self.ln_1(x)))  # Eq. 2
         return x + self.mlp(self.ln_2(x))  # Eq. 3
+
+
+def shared_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that are one and the same tensor (e.g. ``[layer] * N``); [] when none are shared."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -546,9 +588,8 @@ class ViT(nn.Module):
     The head is one linear layer (the paper's fine-tuning head), or with ``representation_size=R`` a hidden
     ``Linear(D, R)`` + tanh before it (the pre-training head, Sec. 3.1; torchvision's ``heads.pre_logits``).
     ``pool="cls"`` classifies from the class token (the paper's default); ``pool="mean"`` drops the class token and
-    averages the final tokens (global average pooling, the paper's Appendix D.3 alternative).
-    Defaults are ViT-Base/16 (Table 1) with the paper's ImageNet dropout (Table 3); ``self.config`` holds every
-    constructor argument, so a checkpoint can rebuild the model.
+    averages the final tokens (global average pooling, Appendix D.3). Defaults: ViT-Base/16 (Table 1) with the
+    ImageNet dropout (Table 3). ``self.config`` holds every constructor argument, so a checkpoint can rebuild it.
     """
 
     def __init__(self, image_size: int = 224, in_channels: int = 3, patch_size: int = 16,  # 224 px, RGB, P = 16
@@ -557,14 +598,18 @@ class ViT(nn.Module):
                  embedding_dropout: float = 0.1, num_classes: int = 1000, pool: str = "cls",  # Appendix B.1
                  layer_norm_eps: float = 1e-6, representation_size: int | None = None) -> None:
         super().__init__()
+        sizes = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size, num_layers=num_layers,
+                     num_heads=num_heads, embedding_dim=embedding_dim, mlp_size=mlp_size, num_classes=num_classes)
+        if representation_size is not None:
+            sizes["representation_size"] = representation_size
+        for name, size in sizes.items():
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         if pool not in {"cls", "mean"}:
             raise ValueError(f"pool must be 'cls' (class token) or 'mean' (average of the tokens), got {pool!r}")
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}; "
                              f"choose a patch size that divides the image size (e.g. 4, 7 or 14 for 28x28 MNIST)")
-        if embedding_dim % num_heads:
-            raise ValueError(f"embedding_dim={embedding_dim} is not divisible by num_heads={num_heads}; "
-                             f"choose numbers that divide (e.g. embedding_dim=64 with 4 heads)")
         self.config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
                            num_layers=num_layers, num_heads=num_heads, embedding_dim=embedding_dim, mlp_size=mlp_size,
                            dropout=dropout, attn_dropout=attn_dropout, embedding_dropout=embedding_dropout,
@@ -575,11 +620,11 @@ class ViT(nn.Module):
         num_patches = (image_size // patch_size) ** 2  # N = HW / P^2
         num_tokens = num_patches + (pool == "cls")
 
-        self.patch_embedding = PatchEmbedding(in_channels, patch_size, embedding_dim)
+        self.patch_embedding = PatchEmbedding(in_channels, patch_size, embedding_dim)  # notebook 01
         self.class_token = nn.Parameter(torch.zeros(1, 1, embedding_dim)) if pool == "cls" else None  # x_class
         self.position_embedding = nn.Parameter(torch.empty(1, num_tokens, embedding_dim).normal_(std=0.02))  # E_pos
         self.embedding_dropout = nn.Dropout(embedding_dropout)
-        self.encoder = nn.Sequential(*[
+        self.encoder = nn.Sequential(*[  # notebook 04
             TransformerEncoderBlock(embedding_dim, num_heads, mlp_size, dropout, attn_dropout, layer_norm_eps)
             for _ in range(num_layers)
         ])
@@ -590,7 +635,8 @@ class ViT(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 1: (batch, channels, height, width) -> (batch, num_tokens, embedding_dim)."""
-        if images.ndim == 4 and images.shape[-2:] != (self.image_size, self.image_size):
+        if images.ndim == 4 and images.shape[1] == self.patch_embedding.in_channels and \
+                images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"expected {self.image_size}x{self.image_size} images, got "
                              f"{images.shape[-2]}x{images.shape[-1]}; resize them (e.g. transforms.Resize"
                              f"({self.image_size})) or build the model with image_size={images.shape[-1]}")
@@ -608,7 +654,6 @@ class ViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.pre_logits(self.features(images)))  # (batch, num_classes)
-
 
 # Table 1 of the paper; image size 224 and patch size in the name, as in torchvision.
 VIT_CONFIGS: dict[str, dict[str, Any]] = {

@@ -1,5 +1,6 @@
 """The model of notebooks 01-05: shapes, equality with PyTorch's reference layers and torchvision's ViT-B/16, parameter
 counts against the paper's Table 1, the batch-independence property, and a clear error for each kind of bad input."""
+import copy
 import math
 
 import pytest
@@ -87,6 +88,48 @@ def test_patch_embedding_rejects_an_image_without_batch_dimension():
         hf.PatchEmbedding(1, 7, 8)(torch.randn(1, 28, 28))
 
 
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_a_channels_last_batch_is_told_to_permute(in_channels):
+    model = hf.ViT(**TINY | dict(in_channels=in_channels))
+    with pytest.raises(ValueError, match=r"looks channels-last.*x\.permute\(0, 3, 1, 2\)"):
+        model(torch.randn(2, 28, 28, in_channels))
+
+
+def test_a_uint8_batch_is_told_to_scale_to_float_and_normalise():
+    with pytest.raises(ValueError, match=r"expected float images, got torch.uint8; scale them to float and normalise"):
+        hf.ViT(**TINY)(torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8))
+
+
+def test_the_blogs_unfold_patcher_equals_ours_where_the_patch_divides_the_image():
+    ours = hf.PatchEmbedding(in_channels=3, patch_size=7, embedding_dim=16)
+    blog = hf.ImagePatches(patch_size=7, in_channels=3, stride=7, embedding_dim=16)
+    with torch.no_grad():
+        blog.patch_embedding.weight.copy_(rearrange(ours.projection.weight, "d c p1 p2 -> d (c p1 p2)"))
+        blog.patch_embedding.bias.copy_(ours.projection.bias)
+        images = torch.randn(2, 3, 28, 28)
+        embeddings, patches = blog(images)
+        torch.testing.assert_close(embeddings, ours(images), atol=1e-5, rtol=1e-5)
+    assert patches.shape == (2, 16, 3 * 7 * 7)
+
+
+def test_unfold_cropping_is_silent_in_the_blogs_patcher_and_caught_by_ours():
+    blog = hf.ImagePatches(patch_size=8, in_channels=1, stride=8, embedding_dim=16)
+    images = torch.randn(2, 1, 28, 28)
+    _, patches = blog(images)
+    assert patches.shape == (2, 9, 64)  # 3 x 3 patches of 8 x 8: only the top-left 24 x 24 pixels
+    cropped = images.clone()
+    cropped[..., 24:, :] = 0.0  # change every pixel outside the 24 x 24 corner ...
+    cropped[..., :, 24:] = 0.0
+    torch.testing.assert_close(blog(cropped)[1], patches)  # ... and the blog's patcher does not notice
+    with pytest.raises(ValueError, match="28x28 is not divisible by patch size 8"):
+        hf.PatchEmbedding(1, 8, 16)(images)
+
+
+def test_stride_smaller_than_the_patch_makes_overlapping_patches():
+    _, patches = hf.ImagePatches(patch_size=8, in_channels=1, stride=4, embedding_dim=16)(torch.randn(1, 1, 28, 28))
+    assert patches.shape == (1, 36, 64)  # 6 x 6 patches, each sharing pixels with its neighbours
+
+
 # --- 2. multi-head self-attention ----------------------------------------------------------------------------------
 
 
@@ -134,6 +177,18 @@ def test_msa_attention_dropout_is_used_in_training_only():
         assert not torch.allclose(msa(x), msa(x))  # training mode: random attention dropout
         msa.eval()
         assert torch.equal(msa(x), msa(x))
+
+
+@pytest.mark.parametrize("build, argument", [
+    (lambda: hf.PatchEmbedding(patch_size=0), "patch_size"),
+    (lambda: hf.MultiHeadSelfAttention(32, num_heads=0), "num_heads"),
+    (lambda: hf.MultiHeadSelfAttention(32, num_heads=-4), "num_heads"),
+    (lambda: hf.MLPBlock(32, mlp_size=0), "mlp_size"),
+    (lambda: hf.TransformerEncoderBlock(embedding_dim=-8), "embedding_dim"),
+], ids=["patch_size=0", "num_heads=0", "num_heads=-4", "mlp_size=0", "embedding_dim=-8"])
+def test_every_part_rejects_sizes_below_one_naming_the_argument(build, argument):
+    with pytest.raises(ValueError, match=f"{argument} must be a positive integer"):
+        build()
 
 
 def test_msa_rejects_dim_not_divisible_by_heads():
@@ -246,6 +301,17 @@ def test_encoder_block_equals_nn_transformer_encoder_layer_pre_norm_gelu():
         assert not torch.allclose(block(x), _torch_encoder_layer(block, activation="relu")(x), atol=1e-3)
 
 
+def test_shared_weights_from_layer_times_n_are_detected():
+    layer = hf.TransformerEncoderBlock(32, 4, 64)
+    shared = nn.ModuleList([layer] * 3)  # three references to one layer: one set of weights, updated three times
+    cloned = nn.ModuleList([copy.deepcopy(layer) for _ in range(3)])  # the harvardnlp clones(): three layers
+    groups = hf.shared_parameters(shared)
+    assert len(groups) == len(list(layer.parameters()))
+    assert groups[0] == ["0.ln_1.weight", "1.ln_1.weight", "2.ln_1.weight"]
+    assert hf.shared_parameters(cloned) == []
+    assert hf.shared_parameters(hf.ViT(**TINY)) == []
+
+
 def test_encoder_block_state_dict_names_are_stable():
     assert list(hf.TransformerEncoderBlock(32, 4, 64).state_dict()) == [
         "ln_1.weight", "ln_1.bias", "self_attention.qkv.weight", "self_attention.qkv.bias",
@@ -298,6 +364,16 @@ def test_vit_config_rebuilds_the_same_model():
     rebuilt = hf.ViT(**model.config)
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.config == model.config
+
+
+@pytest.mark.parametrize("bad", [dict(num_heads=0), dict(patch_size=0), dict(embedding_dim=0), dict(num_layers=-1),
+                                 dict(num_layers=0), dict(image_size=-28), dict(num_classes=0), dict(num_heads=-4),
+                                 dict(representation_size=0), dict(embedding_dim=64.0)],
+                         ids=lambda bad: ",".join(f"{k}={v}" for k, v in bad.items()))
+def test_vit_rejects_sizes_that_are_not_positive_integers_naming_the_argument(bad):
+    (name, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got {value!r}$"):
+        hf.ViT(**TINY | bad)
 
 
 def test_vit_rejects_unknown_pool():
@@ -413,6 +489,19 @@ def test_torchvision_pre_logits_head_loads_exactly_with_representation_size():
     assert torch.allclose(ours(images), reference(images), atol=1e-5)
     with pytest.raises(ValueError, match="unexpected keys: .*pre_logits"):
         hf.load_torchvision_vit_weights(hf.ViT(**TINY | dict(in_channels=3, num_layers=1)), reference)
+
+
+def test_torchvision_vit_b_16_with_the_pre_training_head_loads_exactly():
+    torch.manual_seed(0)
+    reference = torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=12,
+                                                     hidden_dim=768, mlp_dim=3072, representation_size=768).eval()
+    with torch.no_grad():  # torchvision starts these at zero, which would leave them untested
+        reference.class_token.normal_(std=0.02)
+        reference.heads.head.weight.normal_(std=0.02)
+    model = hf.load_torchvision_vit_weights(hf.vit_from_config("vit_b_16", representation_size=768), reference).eval()
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(images) - reference(images)).abs().max().item() <= 1e-5
 
 
 def test_torchvision_checkpoint_uses_the_cached_file_without_downloading(tmp_path, monkeypatch):
