@@ -425,8 +425,8 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
-            raise ValueError(f"expected a batch of images (batch, channels, height, width), got shape {tuple(x.shape)}; "
-                             "add a batch dimension with x.unsqueeze(0)")
+            raise ValueError(f"expected a batch of images (batch, channels, height, width), got shape "
+                             f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
         if not x.is_floating_point():
             raise ValueError(f"expected float images, got {x.dtype}; scale them to float and normalise, e.g. "
                              "(x.float() / 255 - mean) / std (transforms.ToTensor() and transforms.Normalize do both)")
