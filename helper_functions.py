@@ -46,7 +46,8 @@ from torchvision import transforms
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"  # datasets land here (git-ignored), wherever a notebook or script runs from
-MODELS_DIR = REPO_DIR / "models"  # trained weights and results (git-ignored)
+RUNS_DIR = REPO_DIR / "runs"  # the one folder for trained models and their results (git-ignored)
+MODELS_DIR = RUNS_DIR  # an older name of the same folder
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 0. Setup: reproducibility, device and processes (notebook 00)
@@ -1542,29 +1543,32 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return counts.reshape(num_classes, num_classes)
 
 
-def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = False,
-                    progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
+def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = False, progress: bool = True,
+                    device: torch.device | str | None = None) -> tuple[ViT, dict[str, list[float]]]:
     """A ViT trained with ``recipe`` (``TrainingSetup``'s arguments) and its results: loaded from ``path`` if it holds
-    a run of exactly this recipe, otherwise trained (a few minutes on a CPU) and saved there with ``save_run``.
-    The model is returned in eval mode, on the CPU."""
+    a run of exactly this recipe, otherwise trained on ``device`` (default ``get_device()``: a GPU if there is one, or
+    a few minutes on a CPU) and saved there with ``save_run``. The model is returned in eval mode, on the CPU."""
     path = Path(path)
     if path.exists() and not retrain:
         if load_checkpoint(path).get("recipe") == recipe:
             return load_vit(path).eval(), load_results(path.with_suffix(".json"))
         print(f"{path} was trained with another recipe; training again")
     setup = TrainingSetup(**recipe)
-    results = setup.train(progress=progress and is_main_process())  # under torchrun, all processes train it
+    results = setup.train(device=get_device() if device is None else device,
+                          progress=progress and is_main_process())  # under torchrun, all processes train it
+    model = setup.model.cpu()
     if is_main_process():
-        save_run(setup.model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
+        save_run(model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
                  std=setup.std, recipe=recipe)
-    return setup.model.eval(), results
+    return model.eval(), results
 
 
-def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False,
-                          progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
-    """The ViT of notebook 07 (``MNIST_RECIPE``) and its results, from ``path`` (default ``MODELS_DIR /
+def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False, progress: bool = True,
+                          device: torch.device | str | None = None) -> tuple[ViT, dict[str, list[float]]]:
+    """The ViT of notebook 07 (``MNIST_RECIPE``) and its results, from ``path`` (default ``RUNS_DIR /
     "vit_mnist.pth"``) or trained and saved there: see ``get_trained_vit``."""
-    return get_trained_vit(MNIST_RECIPE, path if path is not None else MODELS_DIR / "vit_mnist.pth", retrain, progress)
+    path = path if path is not None else RUNS_DIR / "vit_mnist.pth"
+    return get_trained_vit(MNIST_RECIPE, path, retrain, progress, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1673,13 +1677,14 @@ PRETRAIN_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="fashion-mnis
 
 
 def get_pretrained_vit(path: str | Path | None = None, recipe: dict[str, Any] | None = None, retrain: bool = False,
-                       progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
+                       progress: bool = True, device: torch.device | str | None = None
+                       ) -> tuple[ViT, dict[str, list[float]]]:
     """A ViT trained with ``recipe`` (default ``PRETRAIN_RECIPE``: notebook 07's model on Fashion-MNIST) and its
-    results, from ``path`` (default ``MODELS_DIR / "vit_<dataset>_pretrained.pth"``) or trained and saved there: see
+    results, from ``path`` (default ``RUNS_DIR / "vit_<dataset>_pretrained.pth"``) or trained and saved there: see
     ``get_trained_vit``."""
     recipe = PRETRAIN_RECIPE if recipe is None else recipe
-    path = Path(path) if path is not None else MODELS_DIR / f"vit_{recipe['dataset'].replace('-', '_')}_pretrained.pth"
-    return get_trained_vit(recipe, path, retrain, progress)
+    path = Path(path) if path is not None else RUNS_DIR / f"vit_{recipe['dataset'].replace('-', '_')}_pretrained.pth"
+    return get_trained_vit(recipe, path, retrain, progress, device)
 
 
 def balanced_subset(dataset: Dataset, num_labels: int, num_classes: int = 10,
@@ -1728,13 +1733,14 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs: int, lr: float = 1e-3,
               batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: float = 1, seed: int = 42,
-              device: torch.device | str = "cpu", progress: bool = True, amp: bool = False,
+              device: torch.device | str | None = None, progress: bool = True, amp: bool = False,
               compile: bool = False) -> dict[str, list[float]]:
     """Train ``model``'s trainable parameters (all of them, or only the head after ``freeze_backbone``) with AdamW and
     the warm-up + cosine schedule, through the shared engine ``train``; returns its results.
 
     The same call trains a freshly initialised model, so from-scratch, linear-probe and fine-tuning runs differ only in
-    the model they are given (and the learning rate). Under torchrun it trains data-parallel (see ``parallelize``).
+    the model they are given (and the learning rate). It trains on ``device`` (default ``get_device()``), where the
+    model stays. Under torchrun it trains data-parallel (see ``parallelize``).
     """
     params = trainable_parameters(model)
     if not params:
@@ -1747,6 +1753,7 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs:
     scheduler = warmup_cosine_schedule(optimizer, total_steps=epochs * steps_per_epoch,
                                        warmup_steps=round(warmup_epochs * steps_per_epoch))
     _seed_per_process(seed)
+    device = get_device() if device is None else device
     return train(parallelize(model, device, compile), train_loader, test_loader, optimizer, nn.CrossEntropyLoss(),
                  epochs, device, scheduler, progress=progress, amp=amp)
 
