@@ -27,14 +27,19 @@ def _cells(path: Path) -> tuple[dict, dict]:
     return cells[0], next(cell for cell in cells if cell["cell_type"] == "code")
 
 
-def test_every_notebook_carries_the_current_badge_and_setup_cell():
-    assert len(NOTEBOOKS) == 10
+@pytest.fixture
+def no_origin(monkeypatch):
+    """A clone of a fork or a renamed copy still passes: these tests check the files agree with GITHUB_REPO.
+    (``tools/colab_cells.py --check`` also compares the setting with git's origin, for maintainers.)"""
+    monkeypatch.setattr(colab_cells, "origin_repo", lambda repo_dir=None: None)
+
+
+def test_every_notebook_carries_the_current_badge_and_setup_cell(no_origin):
     assert colab_cells.main(["--check"]) == 0, "run python tools/colab_cells.py"
 
 
-def test_badges_clone_urls_and_the_setting_name_one_repository():
-    repo = colab_cells.repository()
-    assert colab_cells.setting() == repo, "GITHUB_REPO differs from git's origin: run python tools/colab_cells.py"
+def test_badges_clone_urls_and_the_setting_name_one_repository(no_origin):
+    repo = colab_cells.setting()
     badges, clones = set(), set()
     for path in NOTEBOOKS:
         title, setup = _cells(path)
