@@ -1214,13 +1214,15 @@ CHECKPOINT_FORMAT = "vit-from-scratch/1"
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     """Save the model's state dict (and its ``config``, if it has one, plus any ``extra`` plain data such as the
     dataset or normalisation) to ``path`` (.pth or .pt), atomically: a crash mid-write never leaves a broken file.
-    A SHA-256 digest of the weights goes with them; ``load_checkpoint`` checks it."""
+    SHA-256 digests go with it (of the weights, as ``weights_digest``, and of everything); ``load_checkpoint``
+    checks them."""
     path = Path(path)
     if path.suffix not in {".pth", ".pt"}:
         raise ValueError(f"model files end in .pth or .pt, got {path.name!r}")
     state_dict = model.state_dict()
     checkpoint = {"format": CHECKPOINT_FORMAT, "config": getattr(model, "config", None), "state_dict": state_dict,
                   "weights_sha256": state_dict_digest(state_dict), **extra}
+    checkpoint["checkpoint_sha256"] = content_digest(checkpoint)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     _atomic_write_bytes(buffer.getvalue(), path)
@@ -1248,12 +1250,17 @@ def _torch_load(path: str | Path) -> dict[str, Any]:
                                   f"Python objects that weights_only=True refuses to load (nothing in it was run); "
                                   f"use a checkpoint written by save_model", "pickled") from error
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
-                              f"({str(error).strip().splitlines()[0][:200]}); restore a copy or train again",
-                              "damaged") from error
+                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
     except Exception as error:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
-                              f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error) else ''}"
-                              f"); restore a copy or train again", "damaged") from error
+                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The gist of an error from a library: its type and first sentence, at most 120 characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(". ")[0][:120]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _is_torchvision_vit_state_dict(state_dict: Any) -> bool:
@@ -1272,11 +1279,13 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
                                   f"(train_transferlearning.py: --weights {path})", "torchvision")
         raise CheckpointError(f"{path} was not written by helper_functions.save_model (no '{CHECKPOINT_FORMAT}' "
                               f"marker); for torchvision ViT weights use load_torchvision_vit_weights", "foreign")
-    if verify and "weights_sha256" in checkpoint:
-        if state_dict_digest(checkpoint["state_dict"]) != checkpoint["weights_sha256"]:
-            raise CheckpointError(f"{path} is damaged: its weights differ from the SHA-256 digest saved with them (a "
-                                  f"changed byte: a failing disk, a bad copy, an edit); restore a copy or train again",
-                                  "digest")
+    if verify:
+        expected = {"weights_sha256": lambda: state_dict_digest(checkpoint["state_dict"]),
+                    "checkpoint_sha256": lambda: content_digest(checkpoint)}
+        if any(key in checkpoint and digest() != checkpoint[key] for key, digest in expected.items()):
+            raise CheckpointError(f"{path} is damaged: its contents differ from the SHA-256 digest saved with them "
+                                  f"(a changed byte: a failing disk, a bad copy, an edit); restore a copy or train "
+                                  f"again", "digest")
     return checkpoint
 
 
@@ -2043,8 +2052,8 @@ def describe_run(path: str | Path) -> str:
     """What a checkpoint holds, in a few words: "epoch 3 of 10 (mnist)", or why it cannot be read."""
     try:
         checkpoint = load_checkpoint(path, verify=False)
-    except (CheckpointError, OSError) as error:
-        return f"a file that cannot be read as a checkpoint ({str(error).splitlines()[0][:160]})"
+    except (CheckpointError, OSError):
+        return "a file that cannot be read as a checkpoint"
     history = checkpoint.get("history") or {}
     done = checkpoint.get("epoch", len(history.get("train_loss", [])))
     planned = (checkpoint.get("recipe") or {}).get("epochs")
@@ -2058,9 +2067,11 @@ def refuse_to_overwrite(path: str | Path, overwrite: bool, resumable: bool) -> N
     existing = run_files(path)
     if not existing or overwrite:
         return
-    what = f"{path} holds {describe_run(path)}" if path.exists() else \
+    description = describe_run(path) if path.exists() else ""
+    readable = path.exists() and not description.startswith("a file that cannot be read")
+    what = f"{path} holds {description}" if path.exists() else \
         f"{', '.join(str(f) for f in existing)} already exist(s)"
-    options = "continue it with --resume, " if resumable and path.exists() else ""
+    options = "continue it with --resume, " if resumable and readable else ""
     raise UsageError(f"{what}; {options}choose another --name, or replace it with --overwrite")
 
 
@@ -2223,6 +2234,29 @@ def interrupts_deferred():
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
         if received and previous is not signal.SIG_IGN:
             raise KeyboardInterrupt
+
+
+def content_digest(checkpoint: dict[str, Any]) -> str:
+    """SHA-256 of everything in a checkpoint but this digest itself: every tensor's bytes and every other value's
+    ``repr``, with the path to it."""
+    digest = hashlib.sha256()
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if where or key != "checkpoint_sha256":
+                    walk(item, f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}/{i}")
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"{where}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{where}={value!r}".encode())
+
+    walk(checkpoint, "")
+    return digest.hexdigest()
 
 
 def state_dict_digest(state_dict: dict[str, Any]) -> str:

@@ -24,12 +24,17 @@ and only process 0 prints, shows progress and writes files. --batch-size is per 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
 
-import helper_functions as hf
+    import helper_functions as hf
+except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import traceback
+    print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 
 MODEL = hf.VIT_CONFIGS["vit_mnist"]
 IMAGE_SIZE = MODEL["image_size"]  # MNIST and Fashion-MNIST: 28x28
@@ -124,7 +129,8 @@ def saved_run(path: Path, given: dict) -> dict:
     try:
         checkpoint = hf.load_checkpoint(path)
     except hf.CheckpointError as error:
-        raise hf.CheckpointError(f"--resume: {error}; or start again with --overwrite", error.reason) from None
+        fix = str(error).replace("restore a copy or train again", "restore a copy, or start it again with --overwrite")
+        raise hf.CheckpointError(f"--resume: {fix}", error.reason) from None
     if "train_state" not in checkpoint or "recipe" not in checkpoint:
         raise hf.UsageError(f"--resume: {path} holds weights but no training state (it was not written by train.py); "
                             f"choose another --name for a new run")

@@ -21,12 +21,17 @@ and a user error or an expected failure ends in one line: exit code 2 (bad setti
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
 
-import helper_functions as hf
+    import helper_functions as hf
+except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import traceback
+    print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 
 DEFAULTS = dict(epochs=30, num_labels=500, batch_size=25, weight_decay=0.05, warmup_epochs=1, seed=42)  # notebook 09
 LEARNING_RATES = {"finetune": 1e-3, "probe": 3e-2, "scratch": 1e-3}  # notebook 09, step 5
