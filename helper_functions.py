@@ -331,7 +331,8 @@ def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Pat
             tried.append(f"{name}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}")
     fix = _FIXES[dataset].format(root=root, raw=raw_folder)
     raise DataNotAvailableError(
-        f"Could not get {dataset}. Sources tried:\n  - " + "\n  - ".join(tried) + f"\nFix: {fix}\nthen run again."
+        f"Could not get {dataset} (no source had it; offline?). Fix: {fix}, then run again. Sources tried:\n  - "
+        + "\n  - ".join(tried)
     )
 
 
@@ -1154,9 +1155,11 @@ def load_results(path: str | Path) -> dict[str, list[float]]:
     except _RefusedClass:
         raise
     except (ValueError, EOFError, pickle.UnpicklingError, IndexError, TypeError) as error:  # JSON errors are ValueErrors
+        checkpoint = path.with_suffix(".pth")
+        fix = (f"the checkpoint beside it holds the same history: hf.load_checkpoint({str(checkpoint)!r})['history']"
+               if checkpoint.exists() else "it is written again when its run is saved again")
         raise ValueError(f"{path} is not a readable results file: it is truncated or damaged ({type(error).__name__}: "
-                         f"{error}); the checkpoint beside it holds the same history: "
-                         f"hf.load_checkpoint({str(path.with_suffix('.pth'))!r})['history']") from None
+                         f"{error}); {fix}") from None
     if not isinstance(results, dict) or not {"train_loss", "test_loss"} <= set(results):
         raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc, test_loss, "
                          f"test_acc")

@@ -64,8 +64,8 @@ def build_parser() -> hf.ArgumentParser:
                      help=f"[{d['batch_size']}]")
     run.add_argument("--weight-decay", dest="weight_decay", type=hf.finite_float, default=d["weight_decay"],
                      help=f"[{d['weight_decay']}]")
-    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float, default=d["warmup_epochs"],
-                     help=f"[{d['warmup_epochs']}]")
+    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float,
+                     help=f"[{d['warmup_epochs']}, or a tenth of a shorter run]")
     run.add_argument("--seed", type=hf.seed_int, default=d["seed"], help=f"[{d['seed']}]")
     run.add_argument("--subset", type=hf.positive_int,
                      help="test on only the first N test digits (quick checks; ViT-B/16 on a CPU) [all 10,000]")
@@ -93,6 +93,8 @@ MNIST_TRAINING_IMAGES_PER_DIGIT = 5421  # the fewest of any digit in MNIST's tra
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse (hf.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
+    if args.warmup_epochs is None:  # a run shorter than the default warm-up warms up for a tenth of it
+        args.warmup_epochs = DEFAULTS["warmup_epochs"] if DEFAULTS["warmup_epochs"] < args.epochs else args.epochs / 10
     if args.num_labels % 10 or args.num_labels > 10 * MNIST_TRAINING_IMAGES_PER_DIGIT:
         raise hf.UsageError(f"--num-labels {args.num_labels} must be a multiple of 10 (every digit gets the same "
                             f"number) and at most {10 * MNIST_TRAINING_IMAGES_PER_DIGIT} (MNIST has "
@@ -120,6 +122,8 @@ def imagenet_backbone(weights: Path | None, freeze: bool) -> torch.nn.Module:
     try:
         with hf.main_process_first():  # under torchrun, one process downloads the weights
             return hf.imagenet_vit(weights, num_classes=10, freeze=freeze)
+    except hf.CheckpointError as error:  # damaged, or pickled objects: a failure of the file, not of the flags
+        raise hf.CheckpointError(f"--weights {weights}: {error}", error.reason) from None
     except (ValueError, KeyError) as error:  # not ViT-B/16's weights: the message names the differing keys
         if weights is None:
             raise
@@ -148,7 +152,7 @@ def pretrained_backbone(path: Path | None, freeze: bool, progress: bool) -> tupl
                                     f"repository's checkpoints; pass it as --weights {path}") from None
             if error.reason in {"foreign", "pickled", "folder"}:
                 raise hf.UsageError(f"--pretrained {path}: {error}") from None
-            raise  # damaged: a failure, not a usage error
+            raise hf.CheckpointError(f"--pretrained {path}: {error}", error.reason) from None  # damaged: a failure
         except ValueError as error:  # no config, or weights that do not fit it
             raise hf.UsageError(f"--pretrained {path}: {error}") from None
     if (model.config["image_size"], model.config["in_channels"]) != (28, 1):
