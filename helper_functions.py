@@ -1240,11 +1240,14 @@ def _torch_load(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pth file inside it", "folder")
     try:
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as f:
+            start = f.read(2)
     except PermissionError:
         raise PermissionError(f"cannot read {path}: permission denied; check the file's owner and permissions "
                               f"(ls -l {path})") from None
+    if start not in {b"PK", b"\x80\x02"} and not zipfile.is_zipfile(path):  # torch.save writes a zip (or a pickle)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: torch.save did not write it (it does "
+                              f"not start like one); pass the .pth file of a saved model", "foreign")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -2021,22 +2024,23 @@ def command_line_errors(parser: argparse.ArgumentParser, interrupted: Callable[[
     2 for a setting that cannot work (``UsageError``), 1 for a failure (no data, a damaged checkpoint, a full disk,
     another process holding the run, a loss gone NaN), 130 for Ctrl-C (``interrupted()`` says what is saved).
     Anything else is a bug and keeps its traceback."""
-    def prefix() -> str:
-        return "" if is_main_process() else f"(process {process_rank()[0]}) "
-
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group may be gone by the time we report
+    prefix = f"(process {rank}) " if rank else ""
     try:
         yield
     except UsageError as error:
-        parser.error(f"{prefix()}{error}")
+        if rank:  # every process reached the same verdict; process 0 says it
+            raise SystemExit(2) from None
+        parser.error(str(error))
     except KeyboardInterrupt:
-        if is_main_process():
+        if not rank:
             print(f"{parser.prog}: interrupted{': ' if interrupted() else ''}{interrupted()}", file=sys.stderr,
                   flush=True)
         raise SystemExit(130) from None
     except (DataNotAvailableError, WeightsNotAvailableError, CheckpointError, RunLockedError, FloatingPointError,
             torch.OutOfMemoryError, OSError) as error:
         hint = "; lower --batch-size" if isinstance(error, torch.OutOfMemoryError) else ""
-        print(f"{parser.prog}: error: {prefix()}{error}{hint}", file=sys.stderr, flush=True)
+        print(f"{parser.prog}: error: {prefix}{error}{hint}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 
@@ -2201,10 +2205,11 @@ def _atomic_write_bytes(data: bytes, path: Path) -> None:
     """Write to a temporary name in the same folder, then rename: a crash never leaves half a file at ``path``, and a
     failed write (a full disk) leaves the previous file as it was. Leftovers of killed saves are removed first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         umask = os.umask(0)
@@ -2212,14 +2217,16 @@ def _atomic_write_bytes(data: bytes, path: Path) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a normal file
         os.replace(tmp, path)
     except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         kept = f"the previous {path.name} is intact" if path.exists() else f"nothing was written to {path}"
         failure = OSError(f"could not write {path} ({error.strerror or error}); {kept}. Free some space or check "
                           f"the folder, then run again")
         failure.errno = error.errno
         raise failure from error
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

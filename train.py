@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             if processes > 1:
                 digest = hf.check_processes_agree(setup.model)
                 hf.print0(f"weights identical in all {processes} processes (sha256 {digest[:16]})")
-    hf.print0(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {len(results['test_acc'])} epochs; "
-              f"{time.perf_counter() - start:.0f} s of training in this session. Files in {args.out_dir}/: "
-              f"{name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
+            hf.print0(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {len(results['test_acc'])} epochs; "
+                      f"{time.perf_counter() - start:.0f} s of training in this session. Files in {args.out_dir}/: "
+                      f"{name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
     return results
 
 

@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             if hf.is_main_process():
                 hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std,
                             recipe=recipe)
-    hf.print0(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs "
-              f"({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, {name}.json, {name}.pkl, "
-              f"{name}_loss_curves.png")
+            hf.print0(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs "
+                      f"({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, {name}.json, "
+                      f"{name}.pkl, {name}_loss_curves.png")
     return results
 
 
