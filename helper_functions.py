@@ -1932,6 +1932,9 @@ def check_run_name(name: str) -> str:
     if not name or name.strip() != name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
         raise UsageError(f"--name {name!r} must be a plain file name such as vit_mnist (no folders, spaces at its "
                          f"ends or leading dot); put folders in --out-dir")
+    if Path(name).suffix in {".pth", ".pt", ".json", ".pkl"}:
+        raise UsageError(f"--name {name!r}: give the name without a suffix ({Path(name).stem}); the run's files get "
+                         f"theirs")
     return name
 
 
@@ -2018,6 +2021,9 @@ def check_output_folder(folder: str | Path) -> Path:
     return folder
 
 
+_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))  # torch's: GPU memory
+
+
 @contextlib.contextmanager
 def command_line_errors(parser: argparse.ArgumentParser, interrupted: Callable[[], str] = lambda: ""):
     """Turn the expected ways a script ends early into one line on stderr and an exit code, never a traceback:
@@ -2038,8 +2044,8 @@ def command_line_errors(parser: argparse.ArgumentParser, interrupted: Callable[[
                   flush=True)
         raise SystemExit(130) from None
     except (DataNotAvailableError, WeightsNotAvailableError, CheckpointError, RunLockedError, FloatingPointError,
-            torch.OutOfMemoryError, OSError) as error:
-        hint = "; lower --batch-size" if isinstance(error, torch.OutOfMemoryError) else ""
+            *_OUT_OF_MEMORY, OSError) as error:
+        hint = "; lower --batch-size" if isinstance(error, _OUT_OF_MEMORY) else ""
         print(f"{parser.prog}: error: {prefix}{error}{hint}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
@@ -2071,6 +2077,8 @@ def describe_run(path: str | Path) -> str:
 def refuse_to_overwrite(path: str | Path, overwrite: bool, resumable: bool) -> None:
     """A new run at ``path`` stops here if any of another run's files are there, unless ``overwrite``."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, so no checkpoint can be written there; choose another --name")
     existing = run_files(path)
     if not existing or overwrite:
         return
@@ -2090,7 +2098,12 @@ def interrupted_run(path: str | Path, resumable: bool) -> str:
     description = describe_run(path)
     if not resumable:
         return f"{path} was not written by this run and still holds {description}"
-    return f"{path} holds {description}; continue with --resume"
+    try:
+        checkpoint = load_checkpoint(path, verify=False)
+        unfinished = checkpoint.get("epoch", 0) < (checkpoint.get("recipe") or {}).get("epochs", 0)
+    except (CheckpointError, OSError):
+        unfinished = False
+    return f"{path} holds {description}" + ("; continue with --resume" if unfinished else "")
 
 
 def _process_alive(pid: int) -> bool:
