@@ -11,6 +11,8 @@ Notebook 07 — the training engine shared by every notebook and script: train_s
     torchrun (DistributedDataParallel), bfloat16 autocast, torch.compile.
 Notebook 08 — looking inside a trained ViT: filters, position-embedding similarity, attention rollout and distance.
 Notebook 09 — transfer learning: pretrained backbones, frozen or fine-tuned, with a new head.
+Last, the plumbing no notebook teaches: the training scripts' shared command-line pieces, run locks, atomic writes,
+    digests of saved weights.
 
 A notebook builds a piece from scratch, shows that it equals the version here, and from then on imports it.
 """
@@ -1563,11 +1565,13 @@ def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = Fa
             "it was stopped before its last epoch" if saved else "it saved no recipe"
         raise RunExistsError(f"{path} holds another run ({describe_run(path)}; {why}); pass retrain=True to replace it "
                              f"with a run of this recipe, or another path to keep both")
-    setup = TrainingSetup(**recipe)
-    results = setup.train(progress=progress and is_main_process())  # under torchrun, all processes train it
-    if is_main_process():
-        save_run(setup.model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
-                 std=setup.std, recipe=recipe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with run_lock(path):  # one writer: another process training the same path is refused
+        setup = TrainingSetup(**recipe)
+        results = setup.train(progress=progress and is_main_process())  # under torchrun, all processes train it
+        if is_main_process():
+            save_run(setup.model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
+                     std=setup.std, recipe=recipe)
     return setup.model.eval(), results
 
 
@@ -1979,8 +1983,8 @@ def training_device(name: str | torch.device = "auto"):
         cleanup_distributed()
 
 
-def world_size_to_be() -> int:
-    """The number of processes this run will have: torchrun's ``WORLD_SIZE``, readable before the group is joined."""
+def launched_processes() -> int:
+    """The number of processes torchrun launched (1 without torchrun), readable before the process group is joined."""
     return int(os.environ.get("WORLD_SIZE", 1)) if not torch.distributed.is_initialized() else process_rank()[1]
 
 
@@ -2190,7 +2194,7 @@ def run_lock(path: str | Path):
 def _refuse_locked(path: Path, lock: Path, holder: int | None) -> None:
     who = f"process {holder}" if holder is not None else "another process"
     raise RunLockedError(f"{who} is writing the run {path} (lock {lock}); wait for it to finish, stop it, or "
-                         f"choose another --name")
+                         f"choose another name")
 
 
 # Files written whole: atomic writes, leftovers of killed saves, digests of the weights --------------------------------

@@ -118,7 +118,7 @@ def check_recipe(recipe: dict, stop_after: int | None) -> None:
         if not ok:
             raise hf.UsageError(f"{flag(key)} {recipe[key]} must be {rule}")
     steps = hf.steps_per_epoch(min(recipe["subset"] or TRAINING_IMAGES, TRAINING_IMAGES), recipe["batch_size"],
-                               hf.world_size_to_be())
+                               hf.launched_processes())
     hf.check_warmup(recipe["warmup_epochs"], recipe["epochs"], steps)
     if stop_after is not None and stop_after > recipe["epochs"]:
         raise hf.UsageError(f"--stop-after {stop_after} is beyond --epochs {recipe['epochs']}")
@@ -140,9 +140,9 @@ def saved_run(path: Path, given: dict) -> dict:
         raise hf.UsageError(f"--resume continues the saved run with its own settings, but these differ: "
                             f"{', '.join(clashes)}. Leave them out, or start a new run with another --name")
     saved = checkpoint.get("processes", 1)
-    if saved != hf.world_size_to_be():
+    if saved != hf.launched_processes():
         raise hf.UsageError(f"--resume: {path} was trained by {saved} process(es) and this is "
-                            f"{hf.world_size_to_be()}; the schedule and the random states are per process, so resume "
+                            f"{hf.launched_processes()}; the schedule and the random states are per process, so resume "
                             f"it with " + ("plain python" if saved == 1 else f"torchrun --nproc_per_node={saved}"))
     return checkpoint
 

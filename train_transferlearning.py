@@ -103,7 +103,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise hf.UsageError(f"--lr {args.lr} must be > 0")
     if args.weight_decay < 0:
         raise hf.UsageError(f"--weight-decay {args.weight_decay} must be >= 0")
-    steps = hf.steps_per_epoch(args.num_labels, args.batch_size, hf.world_size_to_be())
+    steps = hf.steps_per_epoch(args.num_labels, args.batch_size, hf.launched_processes())
     hf.check_warmup(args.warmup_epochs, args.epochs, steps)
     if args.scratch and args.freeze:
         raise hf.UsageError("--freeze with --scratch would train a head on random features; leave one of them out")
