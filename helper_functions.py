@@ -1148,6 +1148,9 @@ def load_results(path: str | Path) -> dict[str, list[float]]:
         raise FileNotFoundError(f"no results file at {path}; train first (python train.py) or check the path")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a results file; pass the .json or .pkl inside it")
+    if path.suffix in {".pth", ".pt"}:
+        raise ValueError(f"{path} is a checkpoint, not a results file; its results are "
+                         f"hf.load_checkpoint({str(path)!r})['history'], or pass the .json beside it")
     try:
         if path.suffix == ".pkl":
             with open(path, "rb") as f:
@@ -1247,6 +1250,9 @@ def _torch_load(path: str | Path) -> dict[str, Any]:
     except PermissionError:
         raise PermissionError(f"cannot read {path}: permission denied; check the file's owner and permissions "
                               f"(ls -l {path})") from None
+    if not start:
+        raise CheckpointError(f"{path} is empty (0 bytes: a copy or a save that never finished); restore a copy or "
+                              f"train again", "damaged")
     if start not in {b"PK", b"\x80\x02"} and not zipfile.is_zipfile(path):  # torch.save writes a zip (or a pickle)
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: torch.save did not write it (it does "
                               f"not start like one); pass the .pth file of a saved model", "foreign")
