@@ -1159,7 +1159,7 @@ def load_results(path: str | Path) -> dict[str, list[float]]:
             results = json.loads(path.read_text())
     except _RefusedClass:
         raise
-    except (ValueError, EOFError, pickle.UnpicklingError, IndexError, TypeError) as error:  # JSON errors are ValueErrors
+    except (ValueError, EOFError, pickle.UnpicklingError, IndexError, TypeError) as error:  # JSON's are ValueErrors
         checkpoint = path.with_suffix(".pth")
         fix = (f"the checkpoint beside it holds the same history: hf.load_checkpoint({str(checkpoint)!r})['history']"
                if checkpoint.exists() else "it is written again when its run is saved again")

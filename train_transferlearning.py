@@ -39,8 +39,8 @@ LEARNING_RATES = {"finetune": 1e-3, "probe": 3e-2, "scratch": 1e-3}  # notebook 
 
 def build_parser() -> hf.ArgumentParser:
     parser = hf.ArgumentParser(description="Fine-tune a pretrained ViT on a few labelled MNIST digits.",
-                                     epilog="Settings left out take notebook 09's values (in brackets). Exit codes: 0 done, 1 failed, "
-                                            "2 bad settings, 130 interrupted.")
+                                     epilog="Settings left out take notebook 09's values (in brackets). Exit codes: "
+                                            "0 done, 1 failed, 2 bad settings, 130 interrupted.")
     source = parser.add_argument_group("where the backbone comes from (choose one)").add_mutually_exclusive_group()
     source.add_argument("--pretrained", type=Path, metavar="PATH",
                         help="a checkpoint written by train.py or hf.save_run (28x28 greyscale ViT) "

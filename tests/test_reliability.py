@@ -201,7 +201,7 @@ def test_train_transferlearning_py_checks_every_flag_before_loading_data(argv, m
     assert code == 2 and message in one_line(err)
 
 
-# 3. Expected failures: one line, exit code 1 ---------------------------------------------------------------------------
+# 3. Expected failures: one line, exit code 1 -------------------------------------------------------------------------
 
 
 def test_unavailable_data_is_one_message_not_a_traceback(tmp_path, capsys, monkeypatch):
@@ -272,7 +272,8 @@ def test_weights_and_pretrained_flags_point_to_each_other(tmp_path, capsys):
     code, err = exits(train_transferlearning.main, ["--weights", str(tmp_path / "ours.pth"), "--freeze",
                                                     "--out-dir", str(tmp_path)], capsys)
     assert code == 2 and f"is one of this repository's checkpoints (written by train.py or hf.save_model), not " \
-                         f"torchvision's ViT-B/16 weights; pass it as --pretrained {tmp_path / 'ours.pth'}" in one_line(err)
+                         f"torchvision's ViT-B/16 weights; pass it as --pretrained {tmp_path / 'ours.pth'}" in \
+                         one_line(err)
 
     theirs = torchvision.models.VisionTransformer(image_size=28, patch_size=7, num_layers=1, num_heads=2,
                                                   hidden_dim=16, mlp_dim=32)
@@ -310,10 +311,13 @@ def test_bad_api_arguments_name_the_argument(tmp_path):
             hf.TrainingSetup(**kwargs)
 
 
-def test_a_folder_or_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):
+def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):
     (tmp_path / "run.pth").mkdir()
     with pytest.raises(hf.CheckpointError, match="is a folder, not a checkpoint file; pass the .pth file inside it"):
         hf.load_vit(tmp_path / "run.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(hf.CheckpointError, match=r"is empty \(0 bytes: a copy or a save that never finished\)"):
+        hf.load_vit(tmp_path / "empty.pth")
     hf.save_model(tiny_vit(), tmp_path / "locked.pth")
     real_open = open
 
@@ -328,7 +332,7 @@ def test_a_folder_or_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypa
     assert "corrupt" not in str(error.value)
 
 
-# 5. Digests of the weights, checked at load; leftovers of killed saves removed -----------------------------------------
+# 5. Digests of the weights, checked at load; leftovers of killed saves removed ---------------------------------------
 
 
 def test_a_flipped_byte_in_the_weights_is_caught(tmp_path):
