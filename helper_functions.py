@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -2170,6 +2171,9 @@ def run_lock(path: str | Path):
                 holder = _lock_holder(lock)
                 if holder is not None and _process_alive(holder):
                     _refuse_locked(path, lock, holder)
+                with contextlib.suppress(FileNotFoundError):
+                    if holder is None and time.time() - lock.stat().st_mtime < 10:  # its writer may be writing it
+                        _refuse_locked(path, lock, None)
                 lock.unlink(missing_ok=True)  # stale: its writer is gone
                 continue
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
