@@ -1254,7 +1254,7 @@ def _torch_load(path: str | Path) -> dict[str, Any]:
     if not start:
         raise CheckpointError(f"{path} is empty (0 bytes: a copy or a save that never finished); restore a copy or "
                               f"train again", "damaged")
-    if start not in {b"PK", b"\x80\x02"} and not zipfile.is_zipfile(path):  # torch.save writes a zip (or a pickle)
+    if start != b"PK" and start[:1] != b"\x80" and not zipfile.is_zipfile(path):  # torch.save: a zip (or a pickle)
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: torch.save did not write it (it does "
                               f"not start like one); pass the .pth file of a saved model", "foreign")
     try:
