@@ -2035,30 +2035,43 @@ def check_output_folder(folder: str | Path) -> Path:
 _OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))  # torch's: GPU memory
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's time limit), met like Ctrl-C inside ``command_line_errors``."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 @contextlib.contextmanager
 def command_line_errors(parser: argparse.ArgumentParser, interrupted: Callable[[], str] = lambda: ""):
     """Turn the expected ways a script ends early into one line on stderr and an exit code, never a traceback:
     2 for a setting that cannot work (``UsageError``), 1 for a failure (no data, a damaged checkpoint, a full disk,
-    another process holding the run, a loss gone NaN), 130 for Ctrl-C (``interrupted()`` says what is saved).
-    Anything else is a bug and keeps its traceback."""
+    another process holding the run, a loss gone NaN), 130 for Ctrl-C and 143 for SIGTERM (``interrupted()`` says
+    what is saved). Anything else is a bug and keeps its traceback."""
     rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group may be gone by the time we report
     prefix = f"(process {rank}) " if rank else ""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         yield
     except UsageError as error:
         if rank:  # every process reached the same verdict; process 0 says it
             raise SystemExit(2) from None
         parser.error(str(error))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
+        what = "terminated" if isinstance(error, Terminated) else "interrupted"
         if not rank:
-            print(f"{parser.prog}: interrupted{': ' if interrupted() else ''}{interrupted()}", file=sys.stderr,
-                  flush=True)
-        raise SystemExit(130) from None
+            print(f"{parser.prog}: {what}{': ' if interrupted() else ''}{interrupted()}", file=sys.stderr, flush=True)
+        raise SystemExit(143 if isinstance(error, Terminated) else 130) from None
     except (DataNotAvailableError, WeightsNotAvailableError, CheckpointError, RunLockedError, FloatingPointError,
             *_OUT_OF_MEMORY, OSError) as error:
         hint = "; lower --batch-size" if isinstance(error, _OUT_OF_MEMORY) else ""
         print(f"{parser.prog}: error: {prefix}{error}{hint}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
 
 
 # Saved runs: what is there, and one writer per run -------------------------------------------------------------------
@@ -2259,18 +2272,21 @@ def _atomic_write_bytes(data: bytes, path: Path) -> None:
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) back until the block ends, so that the files written in it describe one moment of a run."""
+    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, so that the files written in it describe one moment
+    of a run; then deliver them to their usual handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-        if received and previous is not signal.SIG_IGN:
-            raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
 
 
 def content_digest(checkpoint: dict[str, Any]) -> str:

@@ -363,3 +363,14 @@ def test_ctrl_c_during_a_save_waits_until_every_file_is_written():
             os.kill(os.getpid(), signal.SIGINT)
             written.append("all files")
     assert written == ["all files"]
+
+
+def test_sigterm_is_met_like_ctrl_c_with_exit_code_143(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        with hf.command_line_errors(hf.ArgumentParser(prog="train.py"), interrupted=lambda: "runs/x.pth holds epoch 1"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err == "train.py: terminated: runs/x.pth holds epoch 1\n"
+    assert signal.getsignal(signal.SIGTERM) == before, "the usual handler is back"
