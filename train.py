@@ -15,7 +15,8 @@ uses (``TrainingSetup``, ``train``, ``save_run``): there is no second training l
 
 Every flag is checked before the data is loaded. A setting that cannot work ends the script with one line and exit
 code 2; a failure (no data, a damaged checkpoint, a full disk, another run of the same name) with one line and exit
-code 1; Ctrl-C with exit code 130 and a line saying which epoch the checkpoint holds (continue with --resume).
+code 1; Ctrl-C with exit code 130 (SIGTERM: 143) and a line saying which epoch the checkpoint holds (continue with
+--resume). An interruption waits until the files of a finished epoch are all written.
 
 Under torchrun every process runs this script: each trains on its share of every batch-sized slice of the data
 (DistributedDataParallel averages the gradients, so all keep the same weights), metrics are summed across processes,
