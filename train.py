@@ -2,8 +2,9 @@
 
     python train.py --epochs 8                                   # notebook 07's recipe (hf.MNIST_RECIPE)
     python train.py --dataset fashion-mnist --epochs 8
-    python train.py --epochs 30 --stop-after 10                   # train 10 of 30 planned epochs, then stop
-    python train.py --resume                                      # ... and continue from the last saved epoch
+    python train.py --epochs 8 --overwrite                       # again, replacing the run saved as vit_mnist
+    python train.py --epochs 30 --stop-after 10 --name long       # train 10 of 30 planned epochs, then stop
+    python train.py --name long --resume                          # ... and continue from the last saved epoch
     torchrun --nproc_per_node=2 train.py --epochs 8               # data-parallel: 2 processes (GPUs, or CPU shares)
     python train.py --epochs 8 --amp --compile                    # bfloat16 autocast, torch.compile
 
