@@ -1735,7 +1735,7 @@ def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False,
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def patch_embedding_components(model: ViT, k: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_embedding_components(model: nn.Module, k: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``k`` principal components of the patch-embedding filters E (Figure 7, left) and the fraction of
     the filters' variance each explains.
 
@@ -1751,7 +1751,7 @@ def patch_embedding_components(model: ViT, k: int = 28) -> tuple[torch.Tensor, t
     return components[:k].reshape(k, *weight.shape[1:]), explained[:k]
 
 
-def position_embedding_similarity(model: ViT) -> torch.Tensor:
+def position_embedding_similarity(model: nn.Module) -> torch.Tensor:
     """Cosine similarity of every patch's position embedding with every other's, laid out on the patch grid
     (Figure 7, centre): entry [i, j, k, l] compares the patch in row i, column j with the patch in row k, column l.
     Returns (grid, grid, grid, grid)."""
@@ -1765,7 +1765,7 @@ def position_embedding_similarity(model: ViT) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def attention_maps(model: ViT, images: torch.Tensor) -> torch.Tensor:
+def attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Every block's attention weights for ``images``, from the input each block's MSA really sees (the output of
     its first LayerNorm, captured with forward hooks during one ordinary forward pass).
     Returns (layers, batch, heads, seq, seq)."""
@@ -1796,7 +1796,7 @@ def attention_rollout(attentions: torch.Tensor) -> torch.Tensor:
     return rollout
 
 
-def class_token_attention_map(model: ViT, images: torch.Tensor) -> torch.Tensor:
+def class_token_attention_map(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Rolled-out attention from the class token to each patch, as a (batch, grid, grid) map summing to 1."""
     rollout = attention_rollout(attention_maps(model, images))  # (batch, 1 + num_patches, 1 + num_patches)
     to_patches = rollout[:, 0, 1:]  # (batch, num_patches)

@@ -1,4 +1,10 @@
-"""Section 8's tools for looking inside a trained ViT (notebook 08): each checked on a case whose answer is known."""
+"""Section 8's tools for looking inside a trained ViT (notebook 08): each checked on a case whose answer is known, and
+notebook 08's written-out copies checked to be the same code."""
+import ast
+import inspect
+import json
+from pathlib import Path
+
 import torch
 
 import helper_functions as hf
@@ -64,3 +70,57 @@ def test_patch_embedding_components_find_the_direction_the_filters_vary_along():
     assert components.shape == (3, 1, 7, 7) and explained[0] > 0.999
     cosine = torch.nn.functional.cosine_similarity(components[0].flatten(), direction, dim=0)
     assert torch.isclose(cosine.abs(), torch.tensor(1.0), atol=1e-4)
+
+
+# Notebook 08 writes each tool out in a definition cell; those cells are the helpers, character for character -------
+
+NOTEBOOK_08 = Path(__file__).resolve().parents[1] / "notebooks" / "08_what_the_vit_learned.ipynb"
+SECTION_8 = ("patch_embedding_components", "position_embedding_similarity", "attention_maps", "attention_rollout",
+             "class_token_attention_map", "mean_attention_distance")
+STANDARD_IMPORTS = ("import math, torch\nfrom torch import nn\nimport torch.nn.functional as F\n"
+                    "from einops import rearrange, repeat\n")
+
+
+def _definition_cells() -> dict[str, str]:
+    """Notebook 08's code cells that define a section-8 tool: function name -> the cell's source."""
+    cells = {}
+    for cell in json.loads(NOTEBOOK_08.read_text())["cells"]:
+        source = "".join(cell["source"])
+        if cell["cell_type"] != "code" or source.startswith(("%", "!")):
+            continue
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.FunctionDef) and node.name in SECTION_8:
+                cells[node.name] = source
+    return cells
+
+
+def test_notebook_08_shows_every_section_8_tool_with_the_helpers_exact_source():
+    cells = _definition_cells()
+    assert sorted(cells) == sorted(SECTION_8), "every tool of section 8 has its definition cell in notebook 08"
+    for name, source in cells.items():
+        tree = ast.parse(source)
+        node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+        lines = source.splitlines()
+        start = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+        in_cell = "\n".join(lines[start:node.end_lineno])
+        assert in_cell == inspect.getsource(getattr(hf, name)).rstrip("\n"), f"{name} drifted from helper_functions"
+
+
+def test_notebook_08_definition_cells_run_alone_with_the_standard_imports_and_match_the_helpers():
+    model = _small_vit()
+    images = torch.randn(3, 1, 28, 28)
+    for name, source in _definition_cells().items():
+        assert "hf." not in source and "helper_functions" not in source, f"the cell defining {name} uses the helpers"
+        namespace: dict = {}
+        exec(STANDARD_IMPORTS + source, namespace)  # a fresh namespace: only the standard imports and the cell
+        ours, theirs = namespace[name], getattr(hf, name)
+        if name in ("attention_rollout", "mean_attention_distance"):
+            attentions = hf.attention_maps(model, images)
+            args = (attentions,) if name == "attention_rollout" else (attentions, 7)
+        elif name in ("attention_maps", "class_token_attention_map"):
+            args = (model, images)
+        else:
+            args = (model,)
+        expected, got = theirs(*args), ours(*args)
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got))):
+            assert torch.equal(a, b), name
