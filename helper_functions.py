@@ -54,7 +54,6 @@ from torchvision import transforms
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"  # datasets land here (git-ignored), wherever a notebook or script runs from
 RUNS_DIR = REPO_DIR / "runs"  # the one folder for trained models and their results (git-ignored)
-MODELS_DIR = RUNS_DIR  # an older name of the same folder
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 0. Setup: reproducibility, device and processes (notebook 00)
@@ -1725,8 +1724,8 @@ def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = Fa
 def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False, progress: bool = True,
                           device: torch.device | str | None = None) -> tuple[ViT, dict[str, list[float]]]:
     """The ViT of notebook 07 (``MNIST_RECIPE``) and its results, from ``path`` (default ``RUNS_DIR /
-    "vit_mnist.pth"``) or trained and saved there: see ``get_trained_vit``."""
-    path = path if path is not None else RUNS_DIR / "vit_mnist.pth"
+    "notebook07_vit_mnist.pth"``, where notebook 07 saves it) or trained and saved there: see ``get_trained_vit``."""
+    path = path if path is not None else RUNS_DIR / "notebook07_vit_mnist.pth"
     return get_trained_vit(MNIST_RECIPE, path, retrain, progress, device)
 
 

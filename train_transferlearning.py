@@ -9,7 +9,7 @@
 
 Like train.py, it runs unchanged under ``torchrun --nproc_per_node=N`` (data-parallel; process 0 prints and writes).
 
-Without --pretrained, the Fashion-MNIST ViT of notebook 09 is loaded from models/ (or trained there first, a few
+Without --pretrained, the Fashion-MNIST ViT of notebook 09 is loaded from runs/ (or trained there first, a few
 minutes on a CPU). A run writes the same files as train.py: <out-dir>/<name>.pth (weights, config, dataset,
 normalisation, recipe), <name>.json and <name>.pkl (results) and <name>_loss_curves.png. Training is
 helper_functions' engine (``hf.fine_tune`` calls ``hf.train``): there is no second training loop here.
@@ -44,7 +44,7 @@ def build_parser() -> hf.ArgumentParser:
     source = parser.add_argument_group("where the backbone comes from (choose one)").add_mutually_exclusive_group()
     source.add_argument("--pretrained", type=Path, metavar="PATH",
                         help="a checkpoint written by train.py or hf.save_run (28x28 greyscale ViT) "
-                             f"[{hf.MODELS_DIR.name}/vit_fashion_mnist_pretrained.pth, trained first if missing]")
+                             f"[{hf.RUNS_DIR.name}/vit_fashion_mnist_pretrained.pth, trained first if missing]")
     source.add_argument("--imagenet", action="store_true",
                         help=f"torchvision's {hf.IMAGENET_WEIGHTS} in our ViT-B/16 (downloaded, or from "
                              "torchvision's cache); digits resized to 224x224 RGB")
@@ -142,7 +142,7 @@ def pretrained_backbone(path: Path | None, freeze: bool, progress: bool) -> tupl
     """Our 28x28 ViT pretrained on Fashion-MNIST (notebook 09's, or --pretrained), a new head, frozen or not."""
     if path is None:
         model, _ = hf.get_pretrained_vit(progress=progress)
-        source = str(hf.MODELS_DIR / "vit_fashion_mnist_pretrained.pth")
+        source = str(hf.RUNS_DIR / "vit_fashion_mnist_pretrained.pth")
     else:
         try:
             model, source = hf.load_vit(path), str(path)

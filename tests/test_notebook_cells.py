@@ -91,7 +91,7 @@ RUNNER = textwrap.dedent("""
 
 @pytest.mark.parametrize("name", [
     *MODEL_NOTEBOOKS,
-    pytest.param("07_training_on_mnist", marks=pytest.mark.xfail(strict=False, reason="07 is being rewritten")),
+    "07_training_on_mnist",
 ])
 def test_every_definition_cell_runs_alone_with_only_the_standard_imports(name, tmp_path):
     cells = definition_cells(name)
