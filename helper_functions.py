@@ -40,7 +40,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -479,14 +479,21 @@ def make_dataloaders(train_data: Dataset, test_data: Dataset, batch_size: int = 
                                                       seed=seed)
         train_loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                   pin_memory=pin, persistent_workers=num_workers > 0)
-        test_data = torch.utils.data.Subset(test_data, range(rank, len(test_data), world))
     else:
         generator = torch.Generator().manual_seed(seed)
         train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                   pin_memory=pin, generator=generator, persistent_workers=num_workers > 0)
-    test_loader = DataLoader(test_data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                             pin_memory=pin, persistent_workers=num_workers > 0)
-    return train_loader, test_loader
+    return train_loader, evaluation_loader(test_data, batch_size, num_workers)
+
+
+def evaluation_loader(data: Dataset, batch_size: int = 128, num_workers: int = 0) -> DataLoader:
+    """An ordered loader for evaluating on ``data`` (a validation or a test set); under torchrun each process gets every
+    N-th example, so that metrics summed across processes count each example once."""
+    rank, world = process_rank()
+    if world > 1:
+        data = torch.utils.data.Subset(data, range(rank, len(data), world))
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1211,9 +1218,13 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
           optimizer: torch.optim.Optimizer, loss_fn: nn.Module, epochs: int, device: torch.device | str = "cpu",
           scheduler: Any | None = None, progress: bool = True, start_epoch: int = 0,
           on_epoch_end: Callable[[int, dict[str, list[float]]], None] | None = None,
-          amp: bool = False) -> dict[str, list[float]]:
-    """Train for ``epochs`` epochs, testing after each; returns ``{"train_loss", "train_acc", "test_loss",
-    "test_acc"}``, each a list of plain floats, one per epoch (accuracies in [0, 1]).
+          amp: bool = False, split: str = "test") -> dict[str, list[float]]:
+    """Train for ``epochs`` epochs, evaluating on ``test_dataloader`` after each; returns ``{"train_loss",
+    "train_acc", "test_loss", "test_acc"}``, each a list of plain floats, one per epoch (accuracies in [0, 1]).
+
+    ``split`` names what ``test_dataloader`` holds: ``"val"`` for a validation set (the keys become ``val_loss`` and
+    ``val_acc``), so that a run which chooses anything per epoch never reads the test set; ``TrainingSetup.test``
+    reads that once, at the end.
 
     With ``progress=True`` tqdm shows a bar over the epochs and one over each epoch's batches (widgets in Jupyter,
     text in a terminal), and one line of metrics is printed per epoch. ``start_epoch`` only numbers the epochs (a
@@ -1225,9 +1236,11 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
         raise ValueError(f"epochs must be a positive whole number (the epochs to train now), got {epochs!r}")
     if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
         raise ValueError(f"start_epoch must be a whole number >= 0 (the epochs already trained), got {start_epoch!r}")
+    if split not in {"val", "test"}:
+        raise ValueError(f"split must be 'val' (a validation set) or 'test', got {split!r}")
     model.to(device)
     sampler = getattr(getattr(train_dataloader, "dataloader", train_dataloader), "sampler", None)
-    results: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
+    results: dict[str, list[float]] = {"train_loss": [], "train_acc": [], f"{split}_loss": [], f"{split}_acc": []}
     for epoch in _progress(range(start_epoch, start_epoch + epochs), progress, desc="epochs"):
         if isinstance(sampler, torch.utils.data.DistributedSampler):
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same in every process
@@ -1241,7 +1254,7 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
             results[key].append(float(value))
         if progress:
             print(f"Epoch {epoch + 1}: train_loss {train_loss:.4f} | train_acc {train_acc:.4f} | "
-                  f"test_loss {test_loss:.4f} | test_acc {test_acc:.4f}")
+                  f"{split}_loss {test_loss:.4f} | {split}_acc {test_acc:.4f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, results)
     return results
@@ -1264,8 +1277,13 @@ def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: 
     path = Path(path).with_suffix(".json")
     _atomic_write_bytes(json.dumps(results, indent=2).encode(), path)
     if pickle_too:
-        _atomic_write_bytes(pickle.dumps({k: list(map(float, v)) for k, v in results.items()}), path.with_suffix(".pkl"))
+        _atomic_write_bytes(pickle.dumps(_plain_results(results)), path.with_suffix(".pkl"))
     return path
+
+
+def _plain_results(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` as plain floats: lists per epoch, and single numbers (a final ``test_loss`` and ``test_acc``)."""
+    return {k: float(v) if isinstance(v, (int, float, np.number)) else [float(x) for x in v] for k, v in results.items()}
 
 
 class _RefusedClass(pickle.UnpicklingError):
@@ -1303,15 +1321,16 @@ def load_results(path: str | Path) -> dict[str, list[float]]:
                if checkpoint.exists() else "it is written again when its run is saved again")
         raise ValueError(f"{path} is not a readable results file: it is truncated or damaged ({type(error).__name__}: "
                          f"{error}); {fix}") from None
-    if not isinstance(results, dict) or not {"train_loss", "test_loss"} <= set(results):
-        raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc, test_loss, "
-                         f"test_acc")
+    if not isinstance(results, dict) or "train_loss" not in results or not {"test_loss", "val_loss"} & set(results):
+        raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc and val_loss, "
+                         f"val_acc or test_loss, test_acc")
     return results
 
 
 def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | None = None):
-    """Loss and accuracy per epoch, train vs test, side by side. ``results`` is the dict ``train`` returns or the
-    path of a saved results file (.json or .pkl). Returns the matplotlib figure."""
+    """Loss and accuracy per epoch, train vs validation (or test, in runs without a validation set), side by side;
+    a test set read once at the end is one marker at the last epoch. ``results`` is the dict ``train`` returns or
+    the path of a saved results file (.json or .pkl). Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
     if isinstance(results, (str, Path)):
@@ -1319,9 +1338,12 @@ def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | 
     epochs = range(1, len(results["train_loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-        for split in ("train", "test"):
-            if f"{split}_{metric}" in results:
-                ax.plot(epochs, results[f"{split}_{metric}"], marker="o", label=split)
+        for split in ("train", "val", "test"):
+            values = results.get(f"{split}_{metric}")
+            if isinstance(values, (int, float)):  # the test set, read once at the end
+                ax.plot([len(epochs)], [values], marker="*", markersize=12, ls="", label="test (once, at the end)")
+            elif values is not None:
+                ax.plot(epochs, values, marker="o", label={"val": "validation"}.get(split, split))
         ax.set_xlabel("epoch")
         ax.set_title({"loss": "loss", "acc": "accuracy"}[metric])
         ax.legend()
@@ -1341,7 +1363,7 @@ def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | P
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    history = {key: [float(value) for value in values] for key, values in results.items()}
+    history = _plain_results(results)
     with interrupts_deferred():
         paths = {"model": save_model(model, out_dir / f"{name}.pth", **{**extra, "history": history}),
                  "results": save_results(history, out_dir / f"{name}.json"),
@@ -1497,6 +1519,40 @@ def get_tensor_datasets(name: str = "mnist", limit: int | None = None) -> tuple[
     return tensor_dataset(train_data, mean, std, limit), tensor_dataset(test_data, mean, std, limit)
 
 
+# A validation set held out of the training set: what every per-epoch look and every choice is made on --------------
+
+VALIDATION_SEED = 0  # the split's own seed, apart from a run's seed: runs with different seeds hold out the same digits
+
+
+def validation_indices(num_examples: int, val_split: int,
+                       seed: int = VALIDATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (training part, validation part) of a set of ``num_examples``: one fixed permutation, seeded, whose
+    first ``val_split`` entries are held out; both parts sorted. The permutation has its own generator, so it is the
+    same in every torchrun process and leaves the global random state alone. ``val_split=0`` holds out nothing."""
+    if isinstance(val_split, bool) or not isinstance(val_split, (int, np.integer)) or not 0 <= val_split < num_examples:
+        raise ValueError(f"val_split must be a whole number from 0 (no validation set) to {num_examples - 1} (the "
+                         f"training set has {num_examples} examples), got {val_split!r}")
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))  # (num_examples,)
+    return order[val_split:].sort().values, order[:val_split].sort().values
+
+
+def take(dataset: Dataset, indices: torch.Tensor | Sequence[int]) -> Dataset:
+    """The examples of ``dataset`` at ``indices``: a TensorDataset of them for a TensorDataset (slices stay fast),
+    a ``Subset`` otherwise."""
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        return torch.utils.data.TensorDataset(*(tensor[indices] for tensor in dataset.tensors))
+    return torch.utils.data.Subset(dataset, indices.tolist())
+
+
+def validation_split(dataset: Dataset, val_split: int,
+                     seed: int = VALIDATION_SEED) -> tuple[Dataset, Dataset | None]:
+    """``dataset`` split into (training part, validation part) by ``validation_indices``; with ``val_split=0``,
+    ``(dataset, None)``. The training part keeps the original order (a training loader shuffles it anyway)."""
+    train_idx, val_idx = validation_indices(len(dataset), val_split, seed)
+    return (dataset, None) if val_split == 0 else (take(dataset, train_idx), take(dataset, val_idx))
+
+
 def random_affine(images: torch.Tensor, degrees: float = 10.0, translate: float = 2.0,
                   scale: float = 0.1) -> torch.Tensor:
     """Rotate each image by up to +-``degrees``, shift it by up to +-``translate`` pixels and zoom it by a factor in
@@ -1547,9 +1603,11 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
     return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
-# The recipe notebook 07 trains with, and that notebooks 08 and 09 load (values justified in notebook 07).
+# The recipe notebook 07 trains with, and that notebooks 08 and 09 load (values justified in notebook 07). 5,000 of the
+# 60,000 training digits are held out as a validation set; the test set is read once, at the end.
 MNIST_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="mnist", epochs=10, batch_size=128, lr=2e-3,
-                                    weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=True, seed=42)
+                                    weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=True, seed=42,
+                                    val_split=5000)
 
 
 def check_training_arguments(**values: Any) -> None:
@@ -1564,6 +1622,7 @@ def check_training_arguments(**values: Any) -> None:
     rules = {"epochs": (whole, lambda v: v >= 1, "a whole number >= 1"),
              "batch_size": (whole, lambda v: v >= 1, "a whole number >= 1"),
              "subset": (whole, lambda v: v >= 1, "None or a whole number >= 1"),
+             "val_split": (whole, lambda v: v >= 0, "a whole number >= 0 (0: no validation set)"),
              "seed": (whole, lambda v: v in SEED_RANGE, "a whole number from 0 to 2**32 - 1"),
              "lr": (number, lambda v: v > 0, "a finite number > 0"),
              "weight_decay": (number, lambda v: v >= 0, "a finite number >= 0"),
@@ -1581,21 +1640,38 @@ class TrainingSetup:
     """Everything one training run needs, built from a recipe: datasets, loaders, model, loss, AdamW and schedule.
 
     ``TrainingSetup(**MNIST_RECIPE)`` is notebook 07's run; train.py builds one from its command line. Extra keyword
-    arguments override the model configuration (e.g. ``patch_size=4``); ``subset`` keeps the first N examples.
+    arguments override the model configuration (e.g. ``patch_size=4``).
+
+    ``val_split`` training examples are held out (``validation_split``; 0, the default of a recipe that does not
+    name it, holds out none): ``train`` then evaluates on them after each epoch, and ``test`` reads the test set once,
+    at the end. ``val_indices`` (the held-out indices a checkpoint saved) rebuilds exactly that split when a run is
+    resumed. ``subset`` keeps the first N examples of the training part, of the validation set and of the test set.
     """
 
     def __init__(self, config: str = "vit_mnist", dataset: str = "mnist", epochs: int = 10, batch_size: int = 128,
                  lr: float = 2e-3, weight_decay: float = 0.05, warmup_epochs: float = 1, label_smoothing: float = 0.0,
-                 augment: bool = True, seed: int = 42, subset: int | None = None, **model_overrides: Any) -> None:
+                 augment: bool = True, seed: int = 42, subset: int | None = None, val_split: int = 0,
+                 val_indices: torch.Tensor | Sequence[int] | None = None, **model_overrides: Any) -> None:
         check_training_arguments(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed, subset=subset)
+                                 warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed, subset=subset,
+                                 val_split=val_split)
         if dataset not in TRAINING_DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(TRAINING_DATASETS)}")
         set_seeds(seed)
-        self.train_data, self.test_data = get_tensor_datasets(dataset, limit=subset)
+        full_train, self.test_data = get_tensor_datasets(dataset)
+        train_idx, self.val_indices = validation_indices(len(full_train), val_split)
+        if val_indices is not None:  # a resumed run: the split it was trained with, whatever computes splits today
+            self.val_indices = torch.as_tensor(val_indices, dtype=torch.long).sort().values
+            if len(self.val_indices) != val_split:
+                raise ValueError(f"val_indices holds {len(self.val_indices)} indices, but val_split is {val_split}")
+            train_idx = torch.from_numpy(np.setdiff1d(np.arange(len(full_train)), self.val_indices.numpy()))
+        self.train_data = take(full_train, train_idx[:subset])
+        self.val_data = take(full_train, self.val_indices[:subset]) if val_split else None
+        self.test_data = take(self.test_data, torch.arange(len(self.test_data))[:subset])
         self.dataset, self.epochs = dataset, epochs
         _, self.mean, self.std = TRAINING_DATASETS[dataset]
         self.train_loader, self.test_loader = make_dataloaders(self.train_data, self.test_data, batch_size, seed=seed)
+        self.val_loader = evaluation_loader(self.val_data, batch_size) if self.val_data is not None else None
         if augment:
             self.train_loader = AugmentedLoader(self.train_loader, random_affine)
         self.model = vit_from_config(config, **model_overrides)
@@ -1612,9 +1688,18 @@ class TrainingSetup:
     def train(self, epochs: int | None = None, device: torch.device | str = "cpu", compile: bool = False,
               **kwargs: Any):
         """``hf.train`` on this setup (all of ``self.epochs`` unless ``epochs`` is given), with the model
-        ``parallelize``d (DistributedDataParallel under torchrun, ``torch.compile`` if asked); returns its results."""
-        return train(parallelize(self.model, device, compile), self.train_loader, self.test_loader, self.optimizer,
-                     self.loss_fn, self.epochs if epochs is None else epochs, device, self.scheduler, **kwargs)
+        ``parallelize``d (DistributedDataParallel under torchrun, ``torch.compile`` if asked); returns its results.
+        Each epoch is evaluated on the validation set (``val_loss``, ``val_acc``), or, without one, on the test set
+        (``test_loss``, ``test_acc``), as before validation sets existed."""
+        held_out = ("val", self.val_loader) if self.val_loader is not None else ("test", self.test_loader)
+        return train(parallelize(self.model, device, compile), self.train_loader, held_out[1], self.optimizer,
+                     self.loss_fn, self.epochs if epochs is None else epochs, device, self.scheduler,
+                     split=held_out[0], **kwargs)
+
+    def test(self, device: torch.device | str = "cpu", amp: bool = False) -> dict[str, float]:
+        """The trained model on the test set, once: ``{"test_loss", "test_acc"}`` (a collective call under torchrun)."""
+        loss, accuracy = test_step(unwrap(self.model), self.test_loader, self.loss_fn, device, amp=amp)
+        return {"test_loss": float(loss), "test_acc": float(accuracy)}
 
     def _shuffle_generator(self) -> torch.Generator | None:
         return getattr(self.train_loader, "dataloader", self.train_loader).generator  # None under torchrun
@@ -1712,12 +1797,14 @@ def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = Fa
     path.parent.mkdir(parents=True, exist_ok=True)
     with run_lock(path):  # one writer: another process training the same path is refused
         setup = TrainingSetup(**recipe)
-        results = setup.train(device=get_device() if device is None else device,
-                              progress=progress and is_main_process())  # under torchrun, all processes train it
+        device = get_device() if device is None else device
+        results = setup.train(device=device, progress=progress and is_main_process())  # under torchrun, all train
+        if setup.val_loader is not None:
+            results.update(setup.test(device))  # the test set, read once, after the last epoch
         model = setup.model.cpu()
         if is_main_process():
             save_run(model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
-                     std=setup.std, recipe=recipe)
+                     std=setup.std, recipe=recipe, val_indices=setup.val_indices)
     return model.eval(), results
 
 
@@ -1848,10 +1935,9 @@ def get_pretrained_vit(path: str | Path | None = None, recipe: dict[str, Any] | 
 def balanced_subset(dataset: Dataset, num_labels: int, num_classes: int = 10,
                     seed: int = 42) -> torch.utils.data.Subset:
     """``num_labels`` examples of ``dataset``, ``num_labels / num_classes`` of each class, drawn at random (seeded):
-    the few labelled examples a transfer experiment may use. Works on torchvision datasets (``.targets``) and on
-    ``TensorDataset`` s (labels in ``.tensors[1]``)."""
-    labels = dataset.targets if hasattr(dataset, "targets") else dataset.tensors[1]
-    labels = torch.as_tensor(labels)
+    the few labelled examples a transfer experiment may use. Works on torchvision datasets (``.targets``), on
+    ``TensorDataset`` s (labels in ``.tensors[1]``) and on ``Subset`` s of either (e.g. ``validation_split``'s)."""
+    labels = _labels(dataset)
     if num_labels <= 0 or num_labels % num_classes:
         raise ValueError(f"num_labels={num_labels} must be a positive multiple of num_classes={num_classes}, so that "
                          f"every class gets the same number of examples")
@@ -1864,6 +1950,13 @@ def balanced_subset(dataset: Dataset, num_labels: int, num_classes: int = 10,
             raise ValueError(f"class {label} has only {len(candidates)} examples, fewer than the {per_class} asked for")
         chosen.append(candidates[torch.randperm(len(candidates), generator=generator)[:per_class]])
     return torch.utils.data.Subset(dataset, torch.cat(chosen).sort().values.tolist())
+
+
+def _labels(dataset: Dataset) -> torch.Tensor:
+    """The (N,) labels of a torchvision dataset, a TensorDataset, or a Subset of either."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return _labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return torch.as_tensor(dataset.targets if hasattr(dataset, "targets") else dataset.tensors[1])
 
 
 def new_head(model: ViT, num_classes: int) -> ViT:
@@ -1889,12 +1982,16 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs: int, lr: float = 1e-3,
+def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset | None, epochs: int, lr: float = 1e-3,
               batch_size: int = 32, weight_decay: float = 0.05, warmup_epochs: float = 1, seed: int = 42,
               device: torch.device | str | None = None, progress: bool = True, amp: bool = False,
-              compile: bool = False) -> dict[str, list[float]]:
+              compile: bool = False, val_data: Dataset | None = None) -> dict[str, list[float]]:
     """Train ``model``'s trainable parameters (all of them, or only the head after ``freeze_backbone``) with AdamW and
     the warm-up + cosine schedule, through the shared engine ``train``; returns its results.
+
+    With ``val_data``, each epoch is evaluated on it (``val_loss``, ``val_acc``) and ``test_data`` is read once, after
+    the last epoch (``test_loss``, ``test_acc``: two numbers; ``test_data=None`` skips it). Without, each epoch is
+    evaluated on ``test_data``.
 
     The same call trains a freshly initialised model, so from-scratch, linear-probe and fine-tuning runs differ only in
     the model they are given (and the learning rate). It trains on ``device`` (default ``get_device()``), where the
@@ -1904,16 +2001,25 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs:
     if not params:
         raise ValueError("the model has no trainable parameters (everything is frozen); call new_head(model, K) to "
                          "add a trainable head, or model.requires_grad_(True)")
+    if val_data is None and test_data is None:
+        raise ValueError("fine_tune needs test_data or val_data to evaluate on; pass at least one")
     set_seeds(seed)
-    train_loader, test_loader = make_dataloaders(train_data, test_data, batch_size, seed=seed)
+    held_out = val_data if val_data is not None else test_data
+    train_loader, held_out_loader = make_dataloaders(train_data, held_out, batch_size, seed=seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = len(train_loader)
     scheduler = warmup_cosine_schedule(optimizer, total_steps=epochs * steps_per_epoch,
                                        warmup_steps=round(warmup_epochs * steps_per_epoch))
     _seed_per_process(seed)
     device = get_device() if device is None else device
-    return train(parallelize(model, device, compile), train_loader, test_loader, optimizer, nn.CrossEntropyLoss(),
-                 epochs, device, scheduler, progress=progress, amp=amp)
+    results = train(parallelize(model, device, compile), train_loader, held_out_loader, optimizer,
+                    nn.CrossEntropyLoss(), epochs, device, scheduler, progress=progress, amp=amp,
+                    split="val" if val_data is not None else "test")
+    if val_data is not None and test_data is not None:  # the test set, read once, after the last epoch
+        loss, accuracy = test_step(unwrap(model), evaluation_loader(test_data, batch_size), nn.CrossEntropyLoss(),
+                                   device, amp=amp)
+        results.update(test_loss=float(loss), test_acc=float(accuracy))
+    return results
 
 
 # ImageNet: torchvision's ViT-B/16 weights, loaded into our ViT --------------------------------------------------------

@@ -7,6 +7,11 @@
     python train.py --name long --resume                          # ... and continue from the last saved epoch
     torchrun --nproc_per_node=2 train.py --epochs 8               # data-parallel: 2 processes (GPUs, or CPU shares)
     python train.py --epochs 8 --amp --compile                    # bfloat16 autocast, torch.compile
+    python train.py --epochs 8 --val-split 0 --name all_60k        # no validation set: train on all 60,000
+
+5,000 training images (--val-split) are held out, the same ones in every run (a fixed, seeded permutation): each
+epoch is measured on them, and the test set is read once, after the last epoch (the results' test_loss and test_acc).
+With --val-split 0 every epoch is measured on the test set instead, as before validation sets existed.
 
 A run writes <out-dir>/<name>.pth (weights, config, optimizer and schedule state), <name>.json and <name>.pkl (the
 results) and <name>_loss_curves.png, after every epoch. A name that already holds a run is refused: continue it with
@@ -40,7 +45,7 @@ except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import
 
 MODEL = hf.VIT_CONFIGS["vit_mnist"]
 IMAGE_SIZE = MODEL["image_size"]  # MNIST and Fashion-MNIST: 28x28
-TRAINING_IMAGES = 60_000  # in MNIST's and in Fashion-MNIST's training set
+TRAINING_IMAGES = 60_000  # in MNIST's and in Fashion-MNIST's training set (validation set included)
 # Defaults of every setting that defines a run: notebook 07's recipe and model. A resumed run takes the saved values.
 DEFAULTS = {**{k: v for k, v in hf.MNIST_RECIPE.items() if k != "config"}, "subset": None,
             "patch_size": MODEL["patch_size"], "num_layers": MODEL["num_layers"], "num_heads": MODEL["num_heads"],
@@ -69,8 +74,11 @@ def build_parser() -> hf.ArgumentParser:
                      help="random rotation (+-10 deg), shift (+-2 px) and zoom (+-10%%) of each training image "
                           f"[{d['augment']}]")
     run.add_argument("--seed", type=hf.seed_int, help=f"0 to 2**32 - 1 [{d['seed']}]")
-    run.add_argument("--subset", type=hf.positive_int, help="use only the first N training and N test images (quick "
-                                                            "checks) [all]")
+    run.add_argument("--val-split", dest="val_split", type=non_negative_int,
+                     help="training images held out as a validation set, measured after every epoch; the test set is "
+                          f"then read once, at the end (0: none, every epoch is tested) [{d['val_split']}]")
+    run.add_argument("--subset", type=hf.positive_int, help="use only the first N training, N validation and N test "
+                                                            "images (quick checks) [all]")
     model = parser.add_argument_group("model (Table 1's columns, scaled down)")
     model.add_argument("--patch-size", dest="patch_size", type=hf.positive_int,
                        help=f"P, must divide {IMAGE_SIZE} [{d['patch_size']}]")
@@ -88,6 +96,17 @@ def build_parser() -> hf.ArgumentParser:
     out.add_argument("--stop-after", dest="stop_after", type=hf.positive_int,
                      help="stop after this epoch (the run stays resumable) [--epochs]")
     return parser
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (0 means none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
 
 
 def flag(key: str) -> str:
@@ -119,7 +138,11 @@ def check_recipe(recipe: dict, stop_after: int | None) -> None:
                           ("dropout", 0 <= recipe["dropout"] < 1, "at least 0 and less than 1")):
         if not ok:
             raise hf.UsageError(f"{flag(key)} {recipe[key]} must be {rule}")
-    steps = hf.steps_per_epoch(min(recipe["subset"] or TRAINING_IMAGES, TRAINING_IMAGES), recipe["batch_size"],
+    if recipe["val_split"] >= TRAINING_IMAGES:
+        raise hf.UsageError(f"--val-split {recipe['val_split']} leaves no training images (there are "
+                            f"{TRAINING_IMAGES}); hold out fewer, e.g. 5000, or 0 for no validation set")
+    training_images = TRAINING_IMAGES - recipe["val_split"]
+    steps = hf.steps_per_epoch(min(recipe["subset"] or training_images, training_images), recipe["batch_size"],
                                hf.launched_processes())
     hf.check_warmup(recipe["warmup_epochs"], recipe["epochs"], steps)
     if stop_after is not None and stop_after > recipe["epochs"]:
@@ -183,16 +206,20 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                                     f"(a longer run needs another --name)")
 
             # 3. Data, model, loss, AdamW and the warm-up + cosine schedule: the same setup notebook 07 uses
-            setup = hf.TrainingSetup(config="vit_mnist", **recipe)
+            # a resumed run holds out the validation images it saved (a run from before validation sets: none)
+            setup = hf.TrainingSetup(config="vit_mnist", **recipe,
+                                     val_indices=checkpoint.get("val_indices") if checkpoint else None)
             setup.model.to(device)
-            history = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
+            history: dict[str, list[float]] = {}
             if checkpoint:
                 setup.model.load_state_dict(checkpoint["state_dict"])
                 setup.load_training_state(checkpoint["train_state"])
                 history = checkpoint["history"]
                 hf.print0(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
             processes = hf.process_rank()[1]
-            hf.print0(f"{recipe['dataset']}: {len(setup.train_data)} training, {len(setup.test_data)} test images | "
+            validation = f"{len(setup.val_data)} validation, " if setup.val_data is not None else ""
+            hf.print0(f"{recipe['dataset']}: {len(setup.train_data)} training, {validation}{len(setup.test_data)} test "
+                      f"images | "
                       f"{sum(p.numel() for p in setup.model.parameters()):,} parameters | device {device}"
                       + (f" | {processes} processes ({torch.distributed.get_backend()})" if processes > 1 else "")
                       + (" | bfloat16 autocast" if args.amp else "") + (" | torch.compile" if args.compile else ""))
@@ -201,25 +228,39 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             # 4. Train with the shared engine, saving everything after every epoch (process 0 writes)
             start = time.perf_counter()
 
+            held_out = "val" if setup.val_loader is not None else "test"
+            results: dict = {}
+
             def save(epoch: int, new: dict[str, list[float]]) -> None:
-                so_far = {k: history[k] + new[k] for k in history}
+                so_far = {k: history.get(k, []) + new[k] for k in new}
+                if held_out == "val" and epoch == recipe["epochs"]:  # the run is finished: read the test set, once
+                    so_far.update(setup.test(device, amp=args.amp))
                 train_state = setup.training_state()  # every process takes part: it gathers their random states
                 if hf.is_main_process():
                     hf.save_run(setup.model, so_far, args.out_dir, name=name, dataset=recipe["dataset"],
                                 mean=setup.mean, std=setup.std, recipe=recipe, epoch=epoch, train_state=train_state,
-                                processes=processes)
-                hf.print0(f"epoch {epoch}/{recipe['epochs']}: test_acc {so_far['test_acc'][-1]:.4f} | "
+                                processes=processes, val_indices=setup.val_indices)
+                hf.print0(f"epoch {epoch}/{recipe['epochs']}: {held_out}_acc {so_far[f'{held_out}_acc'][-1]:.4f} | "
                           f"{time.perf_counter() - start:.0f} s | saved {path}")
+                results.clear()
+                results.update(so_far)
 
-            new = setup.train(stop - done, device, compile=args.compile, amp=args.amp,
-                              progress=args.progress and hf.is_main_process(), start_epoch=done, on_epoch_end=save)
-            results = {k: history[k] + new[k] for k in history}
+            setup.train(stop - done, device, compile=args.compile, amp=args.amp,
+                        progress=args.progress and hf.is_main_process(), start_epoch=done, on_epoch_end=save)
             if processes > 1:
                 digest = hf.check_processes_agree(setup.model)
                 hf.print0(f"weights identical in all {processes} processes (sha256 {digest[:16]})")
-            hf.print0(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {len(results['test_acc'])} epochs; "
-                      f"{time.perf_counter() - start:.0f} s of training in this session. Files in {args.out_dir}/: "
-                      f"{name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
+            epochs_done = len(results[f"{held_out}_acc"])
+            if held_out == "test":
+                summary = f"test accuracy {results['test_acc'][-1]:.4f} after {epochs_done} epochs (no validation set)"
+            elif "test_acc" in results:
+                summary = (f"validation accuracy {results['val_acc'][-1]:.4f} after {epochs_done} epochs; test "
+                           f"accuracy {results['test_acc']:.4f} (the test set, read once, at the end)")
+            else:
+                summary = (f"validation accuracy {results['val_acc'][-1]:.4f} after {epochs_done} of "
+                           f"{recipe['epochs']} epochs (the test set is read when the run finishes)")
+            hf.print0(f"Done: {summary}; {time.perf_counter() - start:.0f} s of training in this session. Files in "
+                      f"{args.out_dir}/: {name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
     return results
 
 

@@ -9,6 +9,10 @@
 
 Like train.py, it runs unchanged under ``torchrun --nproc_per_node=N`` (data-parallel; process 0 prints and writes).
 
+The labelled digits are drawn from MNIST's training images minus a validation set of 5,000 (--val-split, the same
+held-out digits as train.py's); every epoch is measured on it, so learning rates and epochs are chosen without the
+test set, which is read once, at the end (the results' test_loss and test_acc). --val-split 0: every epoch is tested.
+
 Without --pretrained, the Fashion-MNIST ViT of notebook 09 is loaded from runs/ (or trained there first, a few
 minutes on a CPU). A run writes the same files as train.py: <out-dir>/<name>.pth (weights, config, dataset,
 normalisation, recipe), <name>.json and <name>.pkl (results) and <name>_loss_curves.png. Training is
@@ -33,8 +37,9 @@ except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import
     print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr)
     raise SystemExit(130) from None
 
-DEFAULTS = dict(epochs=30, num_labels=500, batch_size=25, weight_decay=0.05, warmup_epochs=1, seed=42)  # notebook 09
-LEARNING_RATES = {"finetune": 1e-3, "probe": 3e-2, "scratch": 1e-3}  # notebook 09, step 5
+DEFAULTS = dict(epochs=30, num_labels=500, batch_size=25, weight_decay=0.05, warmup_epochs=1, seed=42,
+                val_split=hf.MNIST_RECIPE["val_split"])  # notebook 09
+LEARNING_RATES = {"finetune": 1e-3, "probe": 3e-2, "scratch": 1e-3}  # notebook 09, step 5 (chosen on the validation set)
 
 
 def build_parser() -> hf.ArgumentParser:
@@ -67,28 +72,57 @@ def build_parser() -> hf.ArgumentParser:
     run.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float,
                      help=f"[{d['warmup_epochs']}, or a tenth of a shorter run]")
     run.add_argument("--seed", type=hf.seed_int, default=d["seed"], help=f"[{d['seed']}]")
+    run.add_argument("--val-split", dest="val_split", type=non_negative_int, default=d["val_split"],
+                     help="training digits held out (the labelled ones are drawn from the rest) and measured after "
+                          "every epoch; the test set is then read once, at the end (0: none, every epoch is tested) "
+                          f"[{d['val_split']}]")
     run.add_argument("--subset", type=hf.positive_int,
-                     help="test on only the first N test digits (quick checks; ViT-B/16 on a CPU) [all 10,000]")
+                     help="validate and test on only the first N validation and N test digits (quick checks; "
+                          "ViT-B/16 on a CPU) [all]")
     hf.add_output_arguments(parser, default_name="vit_mnist_<num-labels>_labels_<mode>")
     return parser
 
 
-def imagenet_data(num_labels: int, seed: int, subset: int | None) -> tuple[torch.utils.data.Dataset, ...]:
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (0 means none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def split_data(train_images: torch.utils.data.Dataset, test_images: torch.utils.data.Dataset, num_labels: int,
+               seed: int, val_split: int, subset: int | None) -> tuple[torch.utils.data.Dataset | None, ...]:
+    """(labelled digits drawn from the training part, validation set or None, test set), the last two cut to
+    ``subset``."""
+    train_part, val_data = hf.validation_split(train_images, val_split)
+    if subset:
+        test_images = torch.utils.data.Subset(test_images, range(min(subset, len(test_images))))
+        if val_data is not None:
+            val_data = torch.utils.data.Subset(val_data, range(min(subset, len(val_data))))
+    return hf.balanced_subset(train_part, num_labels, seed=seed), val_data, test_images
+
+
+def imagenet_data(num_labels: int, seed: int, val_split: int,
+                  subset: int | None) -> tuple[torch.utils.data.Dataset | None, ...]:
     """MNIST as ViT-B/16's ImageNet input: each digit resized to 224x224 and copied to 3 channels, per image."""
     train_images, test_images = hf.get_mnist(transform=hf.imagenet_transform())
-    test_data = torch.utils.data.Subset(test_images, range(subset)) if subset else test_images
-    return hf.balanced_subset(train_images, num_labels, seed=seed), test_data
+    return split_data(train_images, test_images, num_labels, seed, val_split, subset)
 
 
-def mnist_data(num_labels: int, seed: int, subset: int | None) -> tuple[torch.utils.data.Dataset, ...]:
+def mnist_data(num_labels: int, seed: int, val_split: int,
+               subset: int | None) -> tuple[torch.utils.data.Dataset | None, ...]:
     """MNIST as our 28x28 ViT reads it: normalised tensors, computed once (hf.tensor_dataset)."""
     train_images, test_images = hf.get_mnist()
-    train_data = hf.tensor_dataset(train_images, hf.MNIST_MEAN, hf.MNIST_STD)
-    test_data = hf.tensor_dataset(test_images, hf.MNIST_MEAN, hf.MNIST_STD, limit=subset)
-    return hf.balanced_subset(train_data, num_labels, seed=seed), test_data
+    return split_data(hf.tensor_dataset(train_images, hf.MNIST_MEAN, hf.MNIST_STD),
+                      hf.tensor_dataset(test_images, hf.MNIST_MEAN, hf.MNIST_STD), num_labels, seed, val_split, subset)
 
 
 MNIST_TRAINING_IMAGES_PER_DIGIT = 5421  # the fewest of any digit in MNIST's training set (the 5s)
+MNIST_TRAINING_IMAGES = 60_000
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -99,6 +133,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise hf.UsageError(f"--num-labels {args.num_labels} must be a multiple of 10 (every digit gets the same "
                             f"number) and at most {10 * MNIST_TRAINING_IMAGES_PER_DIGIT} (MNIST has "
                             f"{MNIST_TRAINING_IMAGES_PER_DIGIT} 5s)")
+    if not args.val_split < MNIST_TRAINING_IMAGES:
+        raise hf.UsageError(f"--val-split {args.val_split} leaves no training digits (MNIST has "
+                            f"{MNIST_TRAINING_IMAGES}); hold out fewer, e.g. 5000, or 0 for no validation set")
     if args.lr is not None and not args.lr > 0:
         raise hf.UsageError(f"--lr {args.lr} must be > 0")
     if args.weight_decay < 0:
@@ -188,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 model = imagenet_backbone(args.weights, args.freeze)
                 source = f"{hf.IMAGENET_WEIGHTS} from {args.weights}" if args.weights else hf.IMAGENET_WEIGHTS
                 mean, std = hf.imagenet_normalisation()
-                train_data, test_data = imagenet_data(args.num_labels, args.seed, args.subset)
+                train_data, val_data, test_data = imagenet_data(args.num_labels, args.seed, args.val_split,
+                                                                args.subset)
             else:
                 if args.scratch:
                     hf.set_seeds(args.seed)
@@ -197,28 +235,35 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                     model, source = pretrained_backbone(args.pretrained, args.freeze,
                                                         args.progress and hf.is_main_process())
                 mean, std = hf.MNIST_MEAN, hf.MNIST_STD
-                train_data, test_data = mnist_data(args.num_labels, args.seed, args.subset)
+                train_data, val_data, test_data = mnist_data(args.num_labels, args.seed, args.val_split, args.subset)
             trainable = sum(p.numel() for p in hf.trainable_parameters(model))
             hf.print0(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
                       f"{sum(p.numel() for p in model.parameters()):,} parameters learn | {len(train_data)} labelled "
-                      f"training digits, {len(test_data)} test digits | device {device}")
+                      f"training digits, " + (f"{len(val_data)} validation digits, " if val_data is not None else "")
+                      + f"{len(test_data)} test digits | device {device}")
 
             # 3. Train with the shared engine, then save what train.py saves
             recipe = dict(mode=mode, source=source, epochs=args.epochs, num_labels=args.num_labels, lr=lr,
                           batch_size=args.batch_size, weight_decay=args.weight_decay,
-                          warmup_epochs=args.warmup_epochs, seed=args.seed, subset=args.subset)
+                          warmup_epochs=args.warmup_epochs, seed=args.seed, subset=args.subset,
+                          val_split=args.val_split)
             start = time.perf_counter()
             results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=lr, batch_size=args.batch_size,
                                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
                                    device=device, progress=args.progress and hf.is_main_process(), amp=args.amp,
-                                   compile=args.compile)
+                                   compile=args.compile, val_data=val_data)
             model.requires_grad_(True)  # a loaded model should train like any other; the recipe records the freezing
             if hf.is_main_process():
                 hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std,
                             recipe=recipe)
-            hf.print0(f"Done: test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs "
-                      f"({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, {name}.json, "
-                      f"{name}.pkl, {name}_loss_curves.png")
+            if val_data is not None:
+                summary = (f"validation accuracy {results['val_acc'][-1]:.4f} after {args.epochs} epochs (best "
+                           f"{max(results['val_acc']):.4f}, epoch {results['val_acc'].index(max(results['val_acc'])) + 1}); "
+                           f"test accuracy {results['test_acc']:.4f} (the test set, read once, at the end)")
+            else:
+                summary = f"test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs (no validation set)"
+            hf.print0(f"Done: {summary} ({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, "
+                      f"{name}.json, {name}.pkl, {name}_loss_curves.png")
     return results
 
 

@@ -27,7 +27,8 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
     assert files == {"vit_mnist.pth", "vit_mnist.json", "vit_mnist.pkl", "vit_mnist_loss_curves.png"}
     first = hf.load_checkpoint(tmp_path / "a" / "vit_mnist.pth")
     assert first["epoch"] == 1 and first["dataset"] == "mnist" and first["mean"] == hf.MNIST_MEAN
-    assert len(json.loads((tmp_path / "a" / "vit_mnist.json").read_text())["test_acc"]) == 1
+    stopped = json.loads((tmp_path / "a" / "vit_mnist.json").read_text())
+    assert len(stopped["val_acc"]) == 1 and "test_acc" not in stopped, "an unfinished run never reads the test set"
 
     # 2. --resume keeps the saved run's settings: a clashing flag is refused
     with pytest.raises(SystemExit):
@@ -37,7 +38,8 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
     # 3. --resume trains epoch 2 from the saved weights, optimizer, schedule and random state
     resumed = train.main(["--resume", "--out-dir", str(tmp_path / "a"), "--no-progress"])
     second = hf.load_checkpoint(tmp_path / "a" / "vit_mnist.pth")
-    assert second["epoch"] == 2 and len(resumed["test_acc"]) == 2
+    assert second["epoch"] == 2 and len(resumed["val_acc"]) == 2 and isinstance(resumed["test_acc"], float)
+    assert torch.equal(second["val_indices"], first["val_indices"]), "the resumed run holds out the same digits"
     assert resumed["train_loss"][0] == first["history"]["train_loss"][0], "epoch 1's results are kept"
     assert second["train_state"]["optimizer"]["state"][0]["step"] == 2 * 4, "the optimizer continued, not restarted"
 
@@ -51,13 +53,14 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
     for source in (straight, tmp_path / "b" / "vit_mnist.json", tmp_path / "b" / "vit_mnist.pkl"):
         loss_ax, acc_ax = hf.plot_loss_curves(source).axes
         assert list(loss_ax.lines[0].get_ydata()) == straight["train_loss"]
-        assert list(acc_ax.lines[1].get_ydata()) == straight["test_acc"]
+        assert list(acc_ax.lines[1].get_ydata()) == straight["val_acc"]
+        assert list(acc_ax.lines[2].get_ydata()) == [straight["test_acc"]], "the test set: one point, at the end"
 
 
 def test_the_readme_command_train_py_epochs_1_runs(tmp_path):
     # The default warm-up (1 epoch) would fill a 1-epoch run; it shrinks to a tenth of the run instead.
     results = train.main(["--epochs", "1", "--out-dir", str(tmp_path), *TINY])
-    assert len(results["test_acc"]) == 1
+    assert len(results["val_acc"]) == 1 and isinstance(results["test_acc"], float)
     assert hf.load_checkpoint(tmp_path / "vit_mnist.pth")["recipe"]["warmup_epochs"] == 0.1
 
 
