@@ -169,6 +169,7 @@ def test_on_a_gpu_runtime_the_fallback_training_uses_get_device(monkeypatch, tmp
     class FakeSetup:  # TrainingSetup without the data and the hours
         def __init__(self, **recipe):
             self.model, self.mean, self.std = hf.vit_from_config("vit_mnist"), 0.5, 0.5
+            self.val_loader, self.val_indices = None, None  # no validation set: nothing to test at the end
 
         def train(self, device="cpu", **kwargs):
             used.append(device)
