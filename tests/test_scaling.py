@@ -72,7 +72,7 @@ def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path
 def test_train_transferlearning_py_runs_under_torchrun(tmp_path):
     out = _run([*TORCHRUN, str(REPO / "train_transferlearning.py"), "--scratch", "--epochs", "2", "--num-labels",
                 "100", "--batch-size", "10", "--subset", "200", "--no-progress", "--out-dir", str(tmp_path)]).stdout
-    assert out.count("Done: test accuracy") == 1
+    assert out.count("Done: validation accuracy") == 1 and "(the test set, read once, at the end)" in out
     assert {p.name for p in tmp_path.iterdir()} == {f"vit_mnist_100_labels_scratch{suffix}" for suffix in
                                                     (".pth", ".json", ".pkl", "_loss_curves.png")}
 
