@@ -1283,7 +1283,8 @@ def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: 
 
 def _plain_results(results: dict[str, Any]) -> dict[str, Any]:
     """``results`` as plain floats: lists per epoch, and single numbers (a final ``test_loss`` and ``test_acc``)."""
-    return {k: float(v) if isinstance(v, (int, float, np.number)) else [float(x) for x in v] for k, v in results.items()}
+    return {key: float(value) if isinstance(value, (int, float, np.number)) else [float(x) for x in value]
+            for key, value in results.items()}
 
 
 class _RefusedClass(pickle.UnpicklingError):

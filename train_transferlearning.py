@@ -257,9 +257,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std,
                             recipe=recipe)
             if val_data is not None:
+                best = max(range(len(results["val_acc"])), key=results["val_acc"].__getitem__)
                 summary = (f"validation accuracy {results['val_acc'][-1]:.4f} after {args.epochs} epochs (best "
-                           f"{max(results['val_acc']):.4f}, epoch {results['val_acc'].index(max(results['val_acc'])) + 1}); "
-                           f"test accuracy {results['test_acc']:.4f} (the test set, read once, at the end)")
+                           f"{results['val_acc'][best]:.4f}, epoch {best + 1}); test accuracy "
+                           f"{results['test_acc']:.4f} (the test set, read once, at the end)")
             else:
                 summary = f"test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs (no validation set)"
             hf.print0(f"Done: {summary} ({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, "
