@@ -1018,6 +1018,39 @@ def plot_bug_vs_fix(runs: dict[str, dict[str, list[float]]], title: str | None =
     return fig
 
 
+def plot_fix_sequences(sequences: dict[str, dict[str, dict[str, list[float]]]], title: str | None = None,
+                       num_classes: int = 10):
+    """Final training loss and test accuracy after each step of one or more sequences of fixes (sequence name ->
+    {step label -> results of ``train``}, in order), one line per sequence; on the loss panel each point is labelled
+    with its step (the first sequence's labels above its points, the next one's below). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw=dict(width_ratios=[3, 2]))
+    labelled = set()
+    for k, (name, steps) in enumerate(sequences.items()):
+        losses = [results["train_loss"][-1] for results in steps.values()]
+        accuracies = [results["test_acc"][-1] for results in steps.values()]
+        line, = ax_loss.plot(range(len(steps)), losses, marker="o", label=name)
+        ax_acc.plot(range(len(steps)), accuracies, marker="o", label=name, color=line.get_color())
+        for x, (label, value) in enumerate(zip(steps, losses)):
+            if (x, label, value) not in labelled:  # a point both sequences share is labelled once
+                labelled.add((x, label, value))
+                ax_loss.annotate(label, (x, value), textcoords="offset points", xytext=(4, 7 if k % 2 == 0 else -13),
+                                 fontsize=7, color=line.get_color())
+        ax_loss.set_xlim(-0.3, len(steps) - 0.3 + 0.6)  # room for the last labels
+        for ax in (ax_loss, ax_acc):
+            ax.set_xticks(range(len(steps)))
+    ax_loss.axhline(math.log(num_classes), color="grey", linestyle="--", label=f"ln({num_classes})")
+    ax_loss.set(xlabel="fixes applied", ylabel="final training loss", title="training loss after the last epoch",
+                ylim=(0, math.log(num_classes) + 0.4))
+    ax_acc.set(xlabel="fixes applied", ylabel="test accuracy", title="test accuracy after the last epoch", ylim=(0, 1))
+    ax_loss.legend(fontsize=8, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 7. Training engine, plots, checkpoints (notebook 07; used by every training notebook and script)
 # ---------------------------------------------------------------------------------------------------------------------
