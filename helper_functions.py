@@ -1011,7 +1011,8 @@ def plot_bug_vs_fix(runs: dict[str, dict[str, list[float]]], title: str | None =
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # whole epochs
-    ax_loss.legend(fontsize=8)  # the same colours on both panels
+    # One legend for both panels (the same colours), outside them so it hides no curve
+    fig.legend(*ax_loss.get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
