@@ -33,7 +33,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -873,7 +873,7 @@ def vit_with_bug(bug: str | None, config: str = "vit_mnist", **overrides: Any) -
     return vit_with_bugs([bug] if bug else [], config, **overrides)
 
 
-def vit_with_bugs(bugs: Iterable[str], config: str = "vit_mnist", **overrides: Any) -> ViT:
+def vit_with_bugs(bugs: list[str] | tuple[str, ...], config: str = "vit_mnist", **overrides: Any) -> ViT:
     """``vit_from_config(config, **overrides)`` with every bug of ``bugs`` (names from ``BUGS``) injected."""
     bugs = list(bugs)
     unknown = [bug for bug in bugs if bug not in BUGS]
