@@ -2215,7 +2215,7 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(images))
 
 
-def count_parameters(model: nn.Module) -> int:
+def parameter_count(model: nn.Module) -> int:
     """The number of trainable values in ``model``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -2242,7 +2242,7 @@ def shuffled_dataset(dataset: torch.utils.data.TensorDataset,
     return torch.utils.data.TensorDataset(shuffle_pixels(images, permutation), labels)
 
 
-def first(dataset: torch.utils.data.TensorDataset, n: int) -> torch.utils.data.TensorDataset:
+def first_examples(dataset: torch.utils.data.TensorDataset, n: int) -> torch.utils.data.TensorDataset:
     """The first ``n`` examples of a TensorDataset (MNIST's first thousands hold every digit about equally)."""
     if not 0 < n <= len(dataset):
         raise ValueError(f"n={n} must be between 1 and the dataset's {len(dataset)} examples")

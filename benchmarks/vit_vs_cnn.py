@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     hf.set_seeds(seed)
                     model = MODELS[model_name]()
                     start = time.perf_counter()
-                    hf.train_classifier(model, hf.first(train_data, size), hf.first(test_data, 1000), epochs,
-                                        seed=seed)
+                    hf.train_classifier(model, hf.first_examples(train_data, size),
+                                        hf.first_examples(test_data, 1000), epochs, seed=seed)
                     loader = torch.utils.data.DataLoader(test_data, batch_size=500)
                     _, test_acc = hf.test_step(model, loader, loss_fn)
                     run.update(test_acc=round(test_acc, 4), seconds=round(time.perf_counter() - start, 1),
-                               parameters=hf.count_parameters(model))
+                               parameters=hf.parameter_count(model))
                     report["runs"].append(run)
                     hf._atomic_write_bytes(json.dumps(report, indent=1).encode(), path)  # kept after every run
                     print(f"{model_name:<3} {variant:<15} {size:>6} digits {epochs:>3} epochs seed {seed}: "
