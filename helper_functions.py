@@ -1019,8 +1019,8 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
         f"its own weights: right)", colours["encoder"], size=10.5)
     tag(x0 + w + 0.15, enc_y + enc_h / 2, "Eqs. 2-3")
     arrow(cx, enc_y + enc_h, cx, 10.4, shape["tokens"] + r"  $\mathbf{z}_L$")
-    box(x0, 10.4, w, 1.0, (r"take token 0 ($\mathbf{z}_L^0$), then LayerNorm" if cls else "average the tokens, then LayerNorm"),
-        colours["norm"])
+    pooling = r"take token 0 ($\mathbf{z}_L^0$), then LayerNorm" if cls else "average the tokens, then LayerNorm"
+    box(x0, 10.4, w, 1.0, pooling, colours["norm"])
     tag(x0 + w + 0.15, 10.9, "Eq. 4")
     arrow(cx, 11.4, cx, 12.1, shape["y"] + r"  $\mathbf{y}$")
     box(x0, 12.1, w, 1.0, f"head: Linear({c['representation_size'] or D} -> {K})" +
@@ -1849,7 +1849,7 @@ def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False,
     return get_trained_vit(MNIST_RECIPE, path, retrain, progress, device)
 
 
-# Your own digit: any image file prepared the way MNIST's digits were ---------------------------------------------------
+# Your own digit: any image file prepared the way MNIST's digits were -------------------------------------------------
 
 
 def _read_image(path: str | Path):
@@ -1864,7 +1864,8 @@ def _read_image(path: str | Path):
             image.load()
             return ImageOps.exif_transpose(image)  # photos: turn them the way the camera was held
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path} is not an image that Pillow can read; expected a PNG or JPEG file ({error})") from None
+        raise ValueError(f"{path} is not an image that Pillow can read; expected a PNG or JPEG file "
+                         f"({error})") from None
 
 
 def mnist_style(image: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:

@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_all, test_all = hf.get_tensor_datasets("mnist")
     permutation = hf.pixel_permutation(28 * 28, seed=PERMUTATION_SEED)
     data = {"MNIST": (train_all, test_all),
-            "shuffled pixels": (hf.shuffled_dataset(train_all, permutation), hf.shuffled_dataset(test_all, permutation))}
+            "shuffled pixels": (hf.shuffled_dataset(train_all, permutation),
+                                hf.shuffled_dataset(test_all, permutation))}
     loss_fn = torch.nn.CrossEntropyLoss()
     for seed in args.seeds:
         for size, epochs in zip(args.sizes, args.epochs):
