@@ -1868,7 +1868,7 @@ def _read_image(path: str | Path):
                          f"({error})") from None
 
 
-def mnist_style(image: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
+def mnist_style(path: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
     """An image file (PNG or JPEG, any size, colour or grey, light or dark background, transparent or not) prepared
     the way MNIST's digits were: (1, 28, 28), light ink on black, normalised with ``mean`` and ``std``.
 
@@ -1879,7 +1879,7 @@ def mnist_style(image: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_
     """
     from PIL import Image
 
-    picture = _read_image(image)
+    picture = _read_image(path)
     if "A" in picture.getbands() or "transparency" in picture.info:  # transparent parts: give them a background
         rgba = np.asarray(picture.convert("RGBA"), dtype=np.float64) / 255  # (height, width, 4)
         alpha = rgba[..., 3]
@@ -1896,7 +1896,7 @@ def mnist_style(image: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_
     ink = np.clip((grey - background) / max(grey.max() - background, 1e-8), 0, 1)  # background 0, strongest ink 1
     rows, cols = np.nonzero(ink > 0.2)
     if len(rows) == 0 or grey.max() - background < 0.1:
-        raise ValueError(f"{image}: found no digit (the image is one flat colour); expected a digit drawn or written "
+        raise ValueError(f"{path}: found no digit (the image is one flat colour); expected a digit drawn or written "
                          f"on a plain background")
     ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # cropped to the ink's bounding box
     height, width = ink.shape
@@ -1929,9 +1929,11 @@ def predict_image(model: nn.Module | str | Path, path: str | Path, mean: float |
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be a model or the path of a saved one, got {type(model).__name__}")
     image = mnist_style(path, MNIST_MEAN if mean is None else mean, MNIST_STD if std is None else std)
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     logits = model(image.unsqueeze(0).to(device))  # (1, num_classes)
+    model.train(was_training)
     return logits.softmax(dim=-1)[0].cpu()  # (num_classes,)
 
 
