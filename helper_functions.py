@@ -11,6 +11,7 @@ Notebook 07 — the training engine shared by every notebook and script: train_s
     torchrun (DistributedDataParallel), bfloat16 autocast, torch.compile.
 Notebook 08 — looking inside a trained ViT: filters, position-embedding similarity, attention rollout and distance.
 Notebook 09 — transfer learning: pretrained backbones, frozen or fine-tuned, with a new head.
+Notebook 10 — a CNN of the same size as the MNIST ViT, pixel-shuffled digits, and the training call both share.
 
 A notebook builds a piece from scratch, shows that it equals the version here, and from then on imports it.
 """
