@@ -857,16 +857,19 @@ def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor])
 
 
 class LayerNormWithBugs(nn.Module):
-    """Layer normalisation written by hand, with the two classic bugs selectable; ``bug=None`` equals ``nn.LayerNorm``.
+    """Layer normalisation written by hand, with the classic bugs selectable; ``bug=None`` equals ``nn.LayerNorm``.
 
-    correct:            w * (x - mean) / std + b
-    ``"no_mean"``:      w * x / std + b             (bug 1: the mean is not subtracted in the numerator)
-    ``"parentheses"``:  w * (x - mean / std) + b    (bug 2: only the mean is divided by std)
-    Mean and std are taken over the last dimension, std = sqrt(biased variance + eps), as ``nn.LayerNorm`` does.
-    The parameters are named ``weight`` and ``bias``, as in ``nn.LayerNorm``, so state dicts load either way.
+    correct:              w * (x - mean) / std + b
+    ``"mean_over_std"``:  w * mean / (std + eps) + b        (bug 1 as the blog wrote it: every token becomes one
+                                                            constant across its features, times w, plus b)
+    ``"parentheses"``:    w * (x - mean / (std + eps)) + b  (bug 2 as the blog wrote it: only the mean is divided)
+    ``"no_centring"``:    w * x / std + b                   (our milder variant of bug 1: the mean left in)
+    The blog's two bugs are written literally, with its unbiased ``x.std`` and ``eps`` added outside the square root;
+    the others use std = sqrt(biased variance + eps), as ``nn.LayerNorm`` does. The parameters are named ``weight``
+    and ``bias``, as in ``nn.LayerNorm``, so state dicts load either way.
     """
 
-    BUGS = (None, "no_mean", "parentheses")
+    BUGS = (None, "mean_over_std", "parentheses", "no_centring")
 
     def __init__(self, normalized_shape: int, eps: float = 1e-6, bug: str | None = None) -> None:
         super().__init__()
@@ -877,15 +880,16 @@ class LayerNormWithBugs(nn.Module):
         self.bias = nn.Parameter(torch.zeros(normalized_shape))  # b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., normalized_shape) in and out
+        w, b, eps = self.weight, self.bias, self.eps
+        if self.bug == "mean_over_std":  # the blog's bug 1, character for character
+            return w * x.mean(-1, keepdim=True) / (x.std(-1, keepdim=True) + eps) + b
+        if self.bug == "parentheses":  # the blog's bug 2, character for character
+            return w * (x - x.mean(-1, keepdim=True) / (x.std(-1, keepdim=True) + eps)) + b
         mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
-        std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + self.eps)  # (..., 1)
-        if self.bug == "no_mean":
-            normalised = x / std
-        elif self.bug == "parentheses":
-            normalised = x - mean / std
-        else:
-            normalised = (x - mean) / std
-        return self.weight * normalised + self.bias
+        std = torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + eps)  # (..., 1)
+        if self.bug == "no_centring":
+            return w * x / std + b
+        return w * (x - mean) / std + b
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, bug={self.bug!r}"
@@ -953,28 +957,64 @@ def randn_class_token(model: ViT) -> ViT:
     """The class token and E_pos drawn from N(0, 1) (``torch.randn``, as many from-scratch ViTs do) instead of zeros
     and N(0, 0.02^2): with plain SGD the class token then learns next to nothing (bug 6)."""
     with torch.no_grad():
-        model.position_embedding.normal_()
+        if model.position_embedding.requires_grad:  # a removed E_pos (bug 4) stays removed
+            model.position_embedding.normal_()
         if model.class_token is not None:
             model.class_token.normal_()
     return model
 
 
+class ViTMeanOfAllTokens(ViT):
+    """The blog's mean pooling: y = LN(mean of all N + 1 output tokens), the class token included (its commented-out
+    ``Reduce("b p c -> b c", reduction="mean")``). Build it with ``pool="cls"``, which keeps the class token;
+    ``ViT(pool="mean")`` instead drops the class token and averages the N patch tokens."""
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.class_token is None:
+            raise ValueError("the blog's mean pooling averages the class token too; build the model with pool='cls'")
+        z = self.encoder(self.embed(images))  # (batch, num_patches + 1, embedding_dim)
+        return self.norm(z.mean(dim=1))  # (batch, embedding_dim)
+
+
+def mean_of_all_tokens(model: ViT) -> ViTMeanOfAllTokens:
+    """``model`` made to pool as the blog did, the mean of every output token, in place: its weights, its state-dict
+    keys and any bug injected into it stay."""
+    if model.class_token is None:
+        raise ValueError("the blog's mean pooling averages the class token too; build the model with pool='cls'")
+    model.__class__ = ViTMeanOfAllTokens  # only ``features`` differs
+    return model
+
+
 BUGS: dict[str, Callable[[ViT], ViT]] = {
-    "layer_norm_no_mean": lambda model: replace_layer_norms(model, "no_mean"),  # bug 1
-    "layer_norm_parentheses": lambda model: replace_layer_norms(model, "parentheses"),  # bug 2
+    "layer_norm_mean_over_std": lambda model: replace_layer_norms(model, "mean_over_std"),  # bug 1, the blog's
+    "layer_norm_parentheses": lambda model: replace_layer_norms(model, "parentheses"),  # bug 2, the blog's
+    "layer_norm_no_centring": lambda model: replace_layer_norms(model, "no_centring"),  # our milder bug 1
     "attention_batch_first_false": lambda model: use_torch_attention(model, batch_first=False),  # bug 3
     "no_position_embeddings": remove_position_embeddings,  # bug 4
     "mlp_without_activation": remove_mlp_activations,  # bug 5
     "randn_class_token": randn_class_token,  # bug 6 (together with plain SGD)
 }
 
+# The blog's model bugs in the order its author fixed them (then came the switch from SGD to Adam).
+BLOG_FIX_ORDER = ("no_position_embeddings", "mlp_without_activation", "layer_norm_mean_over_std",
+                  "attention_batch_first_false")
+
 
 def vit_with_bug(bug: str | None, config: str = "vit_mnist", **overrides: Any) -> ViT:
     """``vit_from_config(config, **overrides)`` with one of ``BUGS`` injected; ``bug=None`` gives the correct model."""
-    if bug is not None and bug not in BUGS:
-        raise ValueError(f"unknown bug {bug!r}; choose one of {sorted(BUGS)} or None")
+    return vit_with_bugs([bug] if bug else [], config, **overrides)
+
+
+def vit_with_bugs(bugs: list[str] | tuple[str, ...], config: str = "vit_mnist", **overrides: Any) -> ViT:
+    """``vit_from_config(config, **overrides)`` with every bug of ``bugs`` (names from ``BUGS``) injected."""
+    bugs = list(bugs)
+    unknown = [bug for bug in bugs if bug not in BUGS]
+    if unknown:
+        raise ValueError(f"unknown bug {unknown[0]!r}; choose from {sorted(BUGS)} or None")
     model = vit_from_config(config, **overrides)
-    return BUGS[bug](model) if bug else model
+    for bug in bugs:
+        model = BUGS[bug](model)
+    return model
 
 
 @torch.no_grad()
@@ -1074,6 +1114,20 @@ def collapse_linear_stack(first: nn.Linear, second: nn.Linear) -> nn.Linear:
     return merged
 
 
+@torch.no_grad()
+def tanh_saturation(model: ViT, images: torch.Tensor, threshold: float = 0.99) -> float:
+    """The fraction of the pre-training head's tanh outputs (``model.pre_logits``) with |value| > ``threshold``, in
+    eval mode. Near 1 the tanh is saturated: its gradient 1 - tanh^2 is near 0, so almost nothing reaches the layers
+    before it and the loss stops moving."""
+    if isinstance(model.pre_logits, nn.Identity):
+        raise ValueError("model has no tanh before its head; build it with representation_size=R to check one")
+    was_training = model.training
+    model.eval()
+    hidden = model.pre_logits(model.features(images))  # (batch, representation_size), each in (-1, 1)
+    model.train(was_training)
+    return (hidden.abs() > threshold).float().mean().item()
+
+
 def plot_bug_vs_fix(runs: dict[str, dict[str, list[float]]], title: str | None = None, num_classes: int = 10):
     """Training loss and test accuracy per epoch of several runs (label -> results of ``train``), with ln(C), the
     loss of a model that has learned nothing, as a dashed line. Returns the matplotlib figure."""
@@ -1089,7 +1143,41 @@ def plot_bug_vs_fix(runs: dict[str, dict[str, list[float]]], title: str | None =
     ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # whole epochs
-    ax_loss.legend(fontsize=8)  # the same colours on both panels
+    # One legend for both panels (the same colours), outside them so it hides no curve
+    fig.legend(*ax_loss.get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fix_sequences(sequences: dict[str, dict[str, dict[str, list[float]]]], title: str | None = None,
+                       num_classes: int = 10):
+    """Final training loss and test accuracy after each step of one or more sequences of fixes (sequence name ->
+    {step label -> results of ``train``}, in order), one line per sequence; on the loss panel each point is labelled
+    with its step (the first sequence's labels above its points, the next one's below). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw=dict(width_ratios=[3, 2]))
+    labelled = set()
+    for k, (name, steps) in enumerate(sequences.items()):
+        losses = [results["train_loss"][-1] for results in steps.values()]
+        accuracies = [results["test_acc"][-1] for results in steps.values()]
+        line, = ax_loss.plot(range(len(steps)), losses, marker="o", label=name)
+        ax_acc.plot(range(len(steps)), accuracies, marker="o", label=name, color=line.get_color())
+        for x, (label, value) in enumerate(zip(steps, losses)):
+            if (x, label, value) not in labelled:  # a point both sequences share is labelled once
+                labelled.add((x, label, value))
+                ax_loss.annotate(label, (x, value), textcoords="offset points", xytext=(4, 7 if k % 2 == 0 else -13),
+                                 fontsize=7, color=line.get_color())
+        ax_loss.set_xlim(-0.3, len(steps) - 0.3 + 0.6)  # room for the last labels
+        for ax in (ax_loss, ax_acc):
+            ax.set_xticks(range(len(steps)))
+    ax_loss.axhline(math.log(num_classes), color="grey", linestyle="--", label=f"ln({num_classes})")
+    ax_loss.set(xlabel="fixes applied", ylabel="final training loss", title="training loss after the last epoch",
+                ylim=(0, math.log(num_classes) + 0.4))
+    ax_acc.set(xlabel="fixes applied", ylabel="test accuracy", title="test accuracy after the last epoch", ylim=(0, 1))
+    ax_loss.legend(fontsize=8, loc="lower left")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -49,13 +49,32 @@ def test_layer_norm_without_bug_equals_torch_layer_norm():
     assert hf.max_abs_difference(ours, reference, off_centre_tokens()) < 1e-5
 
 
-@pytest.mark.parametrize("bug", ["no_mean", "parentheses"])
+@pytest.mark.parametrize("bug", ["mean_over_std", "parentheses", "no_centring"])
 def test_layer_norm_bug_is_caught(bug):
     buggy = hf.LayerNormWithBugs(32, eps=1e-6, bug=bug)
     assert hf.max_abs_difference(buggy, nn.LayerNorm(32, eps=1e-6), off_centre_tokens()) > 0.5
 
 
-@pytest.mark.parametrize("bug", ["layer_norm_no_mean", "layer_norm_parentheses"])
+def test_blog_layer_norm_bug_1_makes_every_token_constant_across_its_features():
+    tokens = off_centre_tokens()  # (4, 5, 32)
+    with torch.no_grad():
+        out = hf.LayerNormWithBugs(32, eps=1e-6, bug="mean_over_std")(tokens)
+    assert out.std(dim=-1).max() < 1e-6  # one number per token, repeated 32 times
+    assert torch.allclose(out[..., 0], tokens.mean(-1) / (tokens.std(-1) + 1e-6))  # mean / unbiased std, as written
+    assert out[..., 0].std() > 0.1  # and that number differs from token to token
+
+
+def test_blog_layer_norm_bug_2_is_written_as_the_blog_wrote_it_and_caught():
+    tokens = off_centre_tokens()
+    with torch.no_grad():
+        out = hf.LayerNormWithBugs(32, eps=1e-6, bug="parentheses")(tokens)
+    expected = tokens - tokens.mean(-1, keepdim=True) / (tokens.std(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(out, expected)
+    assert hf.max_abs_difference(hf.LayerNormWithBugs(32, bug="parentheses"), nn.LayerNorm(32), tokens) > 0.5
+    assert out.std(dim=-1, unbiased=False).mean() > 1.5  # the tokens keep their spread (about 2): not normalised
+
+
+@pytest.mark.parametrize("bug", ["layer_norm_mean_over_std", "layer_norm_parentheses", "layer_norm_no_centring"])
 def test_layer_norm_bug_reaches_every_layer_norm_of_the_vit(bug):
     correct, buggy = tiny_vit(), tiny_vit(bug)
     norms = [m for m in buggy.modules() if isinstance(m, hf.LayerNormWithBugs)]
@@ -204,6 +223,80 @@ def test_randn_class_token_learns_with_adamw_or_our_init_but_not_with_sgd():
     assert adamw[-1] < 0.5
 
 
+def test_randn_class_token_leaves_removed_position_embeddings_removed():
+    model = tiny_vit(bug=None)
+    model = hf.randn_class_token(hf.remove_position_embeddings(model))
+    assert model.position_embedding.abs().max() == 0 and model.class_token.std() > 0.5
+
+
+# --- the blog's head: a tanh before the classifier, caught saturating by counting outputs near +-1 --------------------
+
+def test_saturated_tanh_head_is_caught():
+    images, _ = tiny_batch()
+    healthy = tiny_vit(representation_size=32)
+    saturated = tiny_vit(representation_size=32)
+    with torch.no_grad():
+        saturated.pre_logits[0].weight.normal_()  # N(0, 1) weights: pre-activations of size sqrt(D) ~ 6
+    assert hf.tanh_saturation(saturated, images) > 0.5
+    assert hf.tanh_saturation(healthy, images) < 0.05
+
+
+def test_tanh_saturation_needs_a_tanh_head():
+    with pytest.raises(ValueError, match="representation_size"):
+        hf.tanh_saturation(tiny_vit(), tiny_batch()[0])
+
+
+# --- the blog's mean pooling: every output token, the class token included ------------------------------------------
+
+def test_blog_mean_pooling_averages_the_class_token_too():
+    images, _ = tiny_batch()
+    model = hf.mean_of_all_tokens(tiny_vit()).eval()
+    with torch.no_grad():
+        tokens = model.encoder(model.embed(images))  # (batch, num_patches + 1, embedding_dim)
+        blog = model.features(images)
+        assert torch.allclose(blog, model.norm(tokens.mean(dim=1)), atol=1e-6)
+        assert (blog - model.norm(tokens[:, 1:].mean(dim=1))).abs().max() > 1e-2  # ours drops the class token
+        assert (blog - model.norm(tokens[:, 0])).abs().max() > 1e-2  # and is not the class token either
+
+
+def test_blog_mean_pooling_keeps_weights_and_injected_bugs():
+    model = hf.mean_of_all_tokens(tiny_vit("mlp_without_activation"))
+    assert list(model.state_dict()) == list(tiny_vit().state_dict())
+    assert not any(isinstance(m, nn.GELU) for m in model.modules())
+
+
+def test_blog_mean_pooling_needs_a_class_token():
+    with pytest.raises(ValueError, match="pool='cls'"):
+        hf.mean_of_all_tokens(tiny_vit(pool="mean"))
+
+
+# --- the blog's replay: several bugs at once ---------------------------------------------------------------------
+
+def test_vit_with_bugs_injects_every_bug_and_none_gives_the_correct_model():
+    images, _ = tiny_batch()
+    everything = ["randn_class_token", *hf.BLOG_FIX_ORDER]
+    model = tiny_vit_with_bugs(everything)
+    assert any(isinstance(m, hf.TorchSelfAttention) for m in model.modules())
+    assert not any(isinstance(m, (nn.GELU, nn.LayerNorm)) for m in model.modules())
+    assert model.position_embedding.abs().max() == 0 and model.class_token.std() > 0.5
+    assert hf.max_abs_difference(tiny_vit_with_bugs([]).eval(), tiny_vit().eval(), images) < 1e-6
+
+
+def tiny_vit_with_bugs(bugs, seed=0):
+    hf.set_seeds(seed)
+    return hf.vit_with_bugs(bugs, "vit_mnist", **TINY)
+
+
+def test_the_blog_fix_order_is_position_embeddings_activations_layer_norms_batch_first():
+    assert hf.BLOG_FIX_ORDER == ("no_position_embeddings", "mlp_without_activation", "layer_norm_mean_over_std",
+                                 "attention_batch_first_false")
+
+
+def test_vit_with_bugs_rejects_an_unknown_bug():
+    with pytest.raises(ValueError, match="unknown bug 'typo'"):
+        hf.vit_with_bugs(["no_position_embeddings", "typo"])
+
+
 # --- the general toolkit --------------------------------------------------------------------------------------------
 
 def test_initial_loss_is_about_ln_num_classes():
@@ -235,7 +328,7 @@ def test_vit_with_bug_rejects_an_unknown_bug():
         hf.vit_with_bug("off_by_one")
 
 
-@pytest.mark.parametrize("bug", ["layer_norm_no_mean", "no_position_embeddings", "mlp_without_activation",
+@pytest.mark.parametrize("bug", ["layer_norm_mean_over_std", "no_position_embeddings", "mlp_without_activation",
                                  "randn_class_token"])
 def test_bugs_keep_the_state_dict_keys(bug):
     assert list(tiny_vit(bug).state_dict()) == list(tiny_vit().state_dict())
@@ -247,4 +340,14 @@ def test_plot_bug_vs_fix_draws_loss_and_accuracy():
     results = {"train_loss": [2.3, 1.0], "train_acc": [0.1, 0.7], "test_loss": [2.3, 1.1], "test_acc": [0.1, 0.6]}
     fig = hf.plot_bug_vs_fix({"bug": results, "fix": results}, title="test")
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3  # two runs and the ln(10) line
+    plt.close(fig)
+
+
+def test_plot_fix_sequences_draws_one_line_per_sequence_on_each_panel():
+    import matplotlib.pyplot as plt
+
+    results = {"train_loss": [2.3, 1.0], "train_acc": [0.1, 0.7], "test_loss": [2.3, 1.1], "test_acc": [0.1, 0.6]}
+    steps = {"all bugs": results, "+ fix": results, "+ other fix": results}
+    fig = hf.plot_fix_sequences({"blog's order": steps, "reversed": steps}, title="test")
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3 and len(fig.axes[1].lines) == 2  # + the ln(10) line
     plt.close(fig)
