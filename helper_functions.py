@@ -11,10 +11,12 @@ Notebook 07 — the training engine shared by every notebook and script: train_s
     torchrun (DistributedDataParallel), bfloat16 autocast, torch.compile.
 Notebook 08 — looking inside a trained ViT: filters, position-embedding similarity, attention rollout and distance.
 Notebook 09 — transfer learning: pretrained backbones, frozen or fine-tuned, with a new head.
+Notebook 10 — a CNN of the same size as the MNIST ViT, pixel-shuffled digits, and the training call both share.
 Last, the plumbing no notebook teaches: the training scripts' shared command-line pieces, run locks, atomic writes,
     digests of saved weights.
 
-A notebook builds a piece from scratch, shows that it equals the version here, and from then on imports it.
+A notebook builds a piece from scratch in a cell that is, character for character, its definition here (a test
+checks), and from then on imports it.
 """
 from __future__ import annotations
 
@@ -845,6 +847,239 @@ def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor])
                 [f"shape mismatch {s}" for s in shapes[:8]]
         raise ValueError("the weights do not fit this model (was it built with the same configuration?):\n  "
                          + "\n  ".join(lines))
+
+
+# Position embeddings at another resolution (Sec. 3.2) ----------------------------------------------------------------
+
+
+def interpolate_position_embedding(model_or_tensor: ViT | torch.Tensor, new_image_size: int,
+                                   patch_size: int | None = None, class_token: bool = True) -> torch.Tensor:
+    """E_pos for ``new_image_size`` x ``new_image_size`` images: the class token's row kept as it is, the grid of patch
+    rows resized in 2-D (bicubic), "according to their location in the original image" (Sec. 3.2).
+
+    Pass a ViT (its patch size and class token come from its config) or a (1, num_tokens, D) tensor together with
+    ``patch_size`` (and ``class_token=False`` for a model with ``pool="mean"``).
+    """
+    if isinstance(model_or_tensor, ViT):
+        position_embedding = model_or_tensor.position_embedding.detach()
+        patch_size = model_or_tensor.config["patch_size"]
+        class_token = model_or_tensor.class_token is not None
+    elif isinstance(model_or_tensor, torch.Tensor):
+        position_embedding = model_or_tensor.detach()
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be given as a positive integer with a tensor, got {patch_size!r}")
+    else:
+        raise TypeError(f"model_or_tensor must be a ViT or its position embedding (a tensor), got "
+                        f"{type(model_or_tensor).__name__}")
+    if position_embedding.ndim != 3 or position_embedding.shape[0] != 1:
+        raise ValueError(f"model_or_tensor: expected a position embedding of shape (1, num_tokens, embedding_dim), "
+                         f"got {tuple(position_embedding.shape)}")
+    if not isinstance(new_image_size, int) or new_image_size < 1:
+        raise ValueError(f"new_image_size must be a positive integer, got {new_image_size!r}")
+    if new_image_size % patch_size:
+        raise ValueError(f"new_image_size={new_image_size} is not divisible by patch_size={patch_size}; choose a "
+                         f"multiple of {patch_size} (e.g. {patch_size * max(1, round(new_image_size / patch_size))})")
+    prefix = int(class_token)
+    class_row, grid = position_embedding[:, :prefix], position_embedding[:, prefix:]  # (1, 1, D), (1, h * w, D)
+    side = math.isqrt(grid.shape[1])
+    if side * side != grid.shape[1]:
+        raise ValueError(f"model_or_tensor: {grid.shape[1]} patch positions do not form a square grid "
+                         f"(class_token={class_token}); is class_token right?")
+    new_side = new_image_size // patch_size
+    if new_side == side:
+        return position_embedding.clone()
+    grid = rearrange(grid, "1 (h w) d -> 1 d h w", h=side)  # (1, D, h, w): the patches where they sit in the image
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)  # (1, D, h', w')
+    grid = rearrange(grid, "1 d h w -> 1 (h w) d")  # (1, h' * w', D): back to a sequence, row by row
+    return torch.cat([class_row, grid], dim=1)  # (1, prefix + h' * w', D)
+
+
+def resize_vit(model: ViT, image_size: int) -> ViT:
+    """A copy of ``model`` for ``image_size`` x ``image_size`` images: the same weights, the position embeddings
+    interpolated in 2-D (``interpolate_position_embedding``). ``model`` itself is left unchanged."""
+    if not isinstance(model, ViT):
+        raise TypeError(f"model must be a ViT, got {type(model).__name__}")
+    position_embedding = interpolate_position_embedding(model, image_size)  # checks image_size
+    resized = ViT(**{**model.config, "image_size": image_size})
+    state_dict = {**model.state_dict(), "position_embedding": position_embedding}
+    resized.load_state_dict(state_dict)
+    return resized.to(model.position_embedding.device).train(model.training)
+
+
+# The architecture as a figure: the paper's Figure 1, with the shapes of a configuration ------------------------------
+
+
+def _vit_arguments(config: str | dict[str, Any] | ViT) -> dict[str, Any]:
+    """Every ``ViT`` argument of a configuration: a ``VIT_CONFIGS`` name, a dict of arguments, or a model."""
+    import inspect
+
+    if isinstance(config, ViT):
+        return dict(config.config)
+    if isinstance(config, str):
+        if config not in VIT_CONFIGS:
+            raise ValueError(f"config: unknown configuration {config!r}; choose one of {sorted(VIT_CONFIGS)}")
+        config = VIT_CONFIGS[config]
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a name from VIT_CONFIGS, a dict of ViT arguments or a ViT, got "
+                        f"{type(config).__name__}")
+    defaults = {name: p.default for name, p in inspect.signature(ViT).parameters.items()}
+    return {**defaults, **config}
+
+
+def vit_shapes(config: str | dict[str, Any] | ViT = "vit_mnist", batch: str = "batch") -> dict[str, str]:
+    """The tensor shape after each stage of Eqs. 1-4 for a configuration, as text: ``{"tokens": "(batch, 17, 64)",
+    ...}``."""
+    c = _vit_arguments(config)
+    H, C, P, D = c["image_size"], c["in_channels"], c["patch_size"], c["embedding_dim"]
+    N = (H // P) ** 2  # number of patches
+    T = N + (c["pool"] == "cls")  # number of tokens
+    return {"image": f"({batch}, {C}, {H}, {H})", "patches": f"({batch}, {N}, {P * P * C})",
+            "embedded": f"({batch}, {N}, {D})", "tokens": f"({batch}, {T}, {D})",
+            "mlp_hidden": f"({batch}, {T}, {c['mlp_size']})", "y": f"({batch}, {D})",
+            "logits": f"({batch}, {c['num_classes']})"}
+
+
+def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batch: str = "batch"):
+    """The Vision Transformer drawn as the paper's Figure 1 draws it, with Eqs. 1-4 and the tensor shape after every
+    stage for ``config`` (a ``VIT_CONFIGS`` name, a dict of ``ViT`` arguments, or a model). Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
+
+    c, shape = _vit_arguments(config), vit_shapes(config, batch)
+    H, C, P, D, M = c["image_size"], c["in_channels"], c["patch_size"], c["embedding_dim"], c["mlp_size"]
+    L, k, K, side = c["num_layers"], c["num_heads"], c["num_classes"], c["image_size"] // c["patch_size"]
+    N, cls = side * side, c["pool"] == "cls"
+    colours = dict(patch="#cfe2f3", cls="#f9cb9c", pos="#d9d2e9", encoder="#eeeeee", norm="#fff2cc", msa="#d9ead3",
+                   mlp="#c9daf8", head="#f4cccc", add="#ffffff")
+
+    fig, ax = plt.subplots(figsize=(14, 8.4))
+    ax.set_xlim(0, 28)
+    ax.set_ylim(0, 16.8)
+    ax.set_aspect("equal")
+    ax.axis("off")
+
+    def box(x, y, w, h, text, colour, size=10.5, **kw):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.15", fc=colour,
+                                    ec="#444444", lw=1.1, **kw))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size)
+
+    def arrow(x0, y0, x1, y1, label=None, at=0.5):
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, color="#444444",
+                                     lw=1.1, shrinkA=0, shrinkB=0))
+        if label:
+            ax.text(max(x0, x1) + 0.25, y0 + at * (y1 - y0), label, ha="left", va="center", fontsize=9.5,
+                    family="monospace", color="#1a4f8a")
+
+    def tag(x, y, text):
+        ax.text(x, y, text, ha="left", va="center", fontsize=9.5, color="#990000", style="italic")
+
+    # Left: the whole model, bottom to top (as in the paper's Figure 1) -----------------------------------------------
+    x0, w = 0.6, 7.8  # the column of boxes
+    cx = x0 + w / 2
+    name = f" ({config!r})" if isinstance(config, str) else ""
+    ax.text(cx, 16.35, f"Vision Transformer{name}", ha="center", va="center", fontsize=13, weight="bold")
+    # the image as a grid of P x P patches (at most 8 x 8 drawn)
+    drawn = min(side, 8)
+    cell = 1.6 / drawn
+    for i in range(drawn):
+        for j in range(drawn):
+            ax.add_patch(Rectangle((x0 + 0.2 + j * cell, 0.3 + i * cell), cell, cell, fc=colours["patch"],
+                                   ec="#444444", lw=0.8))
+    ax.text(x0 + 2.15, 1.1, f"image, {H}x{H} pixels, {C} channel{'s' if C > 1 else ''}\ncut into N = {N} patches of "
+            f"{P}x{P}", ha="left", va="center", fontsize=10.5)
+    arrow(cx, 2.0, cx, 2.7, shape["patches"] + r"  flattened patches $\mathbf{x}_p$")
+    box(x0, 2.7, w, 1.0, f"linear projection E: {P * P * C} -> {D} values per patch", colours["patch"])
+    tag(x0 + w + 0.15, 3.2, "Eq. 1")
+    arrow(cx, 3.7, cx, 4.4, shape["embedded"] + r"  $\mathbf{x}_p\mathbf{E}$")
+    # the tokens: class token, then the patches, each with its position embedding
+    ax.add_patch(FancyBboxPatch((x0, 4.4), w, 2.2, boxstyle="round,pad=0.02,rounding_size=0.15", fc="white",
+                                ec="#444444", lw=1.1))
+    shown = min(N, 16) + cls
+    step = (w - 0.6) / shown
+    for t in range(shown):
+        is_cls = cls and t == 0
+        label = "cls" if is_cls else ("..." if t == shown - 1 and N > 16 else str(t + (not cls)))
+        ax.add_patch(Rectangle((x0 + 0.3 + t * step, 5.35), step * 0.85, 0.55,
+                               fc=colours["cls" if is_cls else "patch"], ec="#444444", lw=0.7))
+        ax.add_patch(Rectangle((x0 + 0.3 + t * step, 4.6), step * 0.85, 0.55, fc=colours["pos"], ec="#444444",
+                               lw=0.7))
+        ax.text(x0 + 0.3 + (t + 0.425) * step, 4.875, label if label != "cls" else "0", ha="center", va="center",
+                fontsize=7)
+        ax.text(x0 + 0.3 + (t + 0.425) * step, 5.625, "*" if is_cls else "", ha="center", va="center", fontsize=8)
+    ax.text(cx, 6.2, (r"[class token $\mathbf{x}_{class}$ (*); the patches]" if cls else "the patches (no class token)")
+            + r" + positions $\mathbf{E}_{pos}$", ha="center", va="center", fontsize=10)
+    tag(x0 + w + 0.15, 5.4, "Eq. 1")
+    arrow(cx, 6.6, cx, 7.2, shape["tokens"] + r"  $\mathbf{z}_0$")
+    enc_y, enc_h = 7.2, 2.5
+    box(x0, enc_y, w, enc_h, f"Transformer encoder\nL = {L} blocks\n(the same block {L} times, each with\n"
+        f"its own weights: right)", colours["encoder"], size=10.5)
+    tag(x0 + w + 0.15, enc_y + enc_h / 2, "Eqs. 2-3")
+    arrow(cx, enc_y + enc_h, cx, 10.4, shape["tokens"] + r"  $\mathbf{z}_L$")
+    pooling = r"take token 0 ($\mathbf{z}_L^0$), then LayerNorm" if cls else "average the tokens, then LayerNorm"
+    box(x0, 10.4, w, 1.0, pooling, colours["norm"])
+    tag(x0 + w + 0.15, 10.9, "Eq. 4")
+    arrow(cx, 11.4, cx, 12.1, shape["y"] + r"  $\mathbf{y}$")
+    box(x0, 12.1, w, 1.0, f"head: Linear({c['representation_size'] or D} -> {K})" +
+        (f" after Linear({D} -> {c['representation_size']}) + tanh" if c["representation_size"] else ""),
+        colours["head"])
+    arrow(cx, 13.1, cx, 13.8, shape["logits"] + f"  scores for {K} classes")
+    ax.text(cx, 14.15, "class prediction", ha="center", va="center", fontsize=10.5)
+
+    # Right: one encoder block, bottom to top -----------------------------------------------------------------------
+    bx, bw = 14.2, 5.2
+    bcx = bx + bw / 2
+    ax.text(bcx + 0.4, 16.35, f"one encoder block (x {L})", ha="center", va="center", fontsize=13, weight="bold")
+    ax.add_patch(FancyBboxPatch((bx - 0.7, 1.2), bw + 2.9, 14.0, boxstyle="round,pad=0.02,rounding_size=0.3",
+                                fc="#f7f7f7", ec="#888888", lw=1.0, ls="--"))
+    for y in (enc_y, enc_y + enc_h):  # dashed lines from the encoder box to its zoom
+        ax.plot([x0 + w + 1.45, bx - 0.7], [y, 1.2 if y == enc_y else 15.2], color="#888888", lw=0.8, ls="--")
+    ax.text(bcx, 0.75, r"$\mathbf{z}_{\ell-1}$", ha="center", va="center", fontsize=11)
+    arrow(bcx, 1.0, bcx, 2.3, shape["tokens"], at=0.75)
+    box(bx, 2.3, bw, 0.9, "LayerNorm", colours["norm"])
+    arrow(bcx, 3.2, bcx, 3.9)
+    box(bx, 3.9, bw, 1.2, f"multi-head self-attention\nk = {k} heads of D/k = {D // k}", colours["msa"])
+    arrow(bcx, 5.1, bcx, 5.75)
+    ax.add_patch(plt.Circle((bcx, 6.05), 0.3, fc="white", ec="#444444", lw=1.1))
+    ax.text(bcx, 6.05, "+", ha="center", va="center", fontsize=13)
+    ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [1.4, 1.4, 6.05], color="#444444", lw=1.1)  # residual
+    arrow(bx + bw + 0.8, 6.05, bcx + 0.3, 6.05)
+    tag(bx + bw + 1.05, 4.0, "Eq. 2")
+    arrow(bcx, 6.35, bcx, 7.6, shape["tokens"] + r"  $\mathbf{z}'_\ell$", at=0.72)
+    box(bx, 7.6, bw, 0.9, "LayerNorm", colours["norm"])
+    arrow(bcx, 8.5, bcx, 9.2)
+    box(bx, 9.2, bw, 1.9, f"MLP\nLinear({D} -> {M}), GELU\nLinear({M} -> {D})\n", colours["mlp"])
+    ax.text(bcx, 9.5, shape["mlp_hidden"] + " inside", ha="center", va="center", fontsize=8.5,
+            family="monospace", color="#1a4f8a")
+    arrow(bcx, 11.1, bcx, 11.95)
+    ax.add_patch(plt.Circle((bcx, 12.25), 0.3, fc="white", ec="#444444", lw=1.1))
+    ax.text(bcx, 12.25, "+", ha="center", va="center", fontsize=13)
+    ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [6.6, 6.6, 12.25], color="#444444", lw=1.1)  # residual
+    arrow(bx + bw + 0.8, 12.25, bcx + 0.3, 12.25)
+    tag(bx + bw + 1.05, 9.6, "Eq. 3")
+    arrow(bcx, 12.55, bcx, 13.8, shape["tokens"] + r"  $\mathbf{z}_\ell$")
+    ax.text(bcx, 14.15, r"$\mathbf{z}_\ell$, to the next block", ha="center", va="center", fontsize=10.5)
+
+    # Far right: the equations --------------------------------------------------------------------------------------
+    ex = 22.4
+    ax.text(ex, 16.35, "the equations", ha="left", va="center", fontsize=13, weight="bold")
+    equations = [
+        ("Eq. 1", r"$\mathbf{z}_0 = [\mathbf{x}_{class};\,\mathbf{x}_p^1\mathbf{E};\,\ldots;\,"
+                  r"\mathbf{x}_p^N\mathbf{E}] + \mathbf{E}_{pos}$"),
+        ("Eq. 2", r"$\mathbf{z}'_\ell = \mathrm{MSA}(\mathrm{LN}(\mathbf{z}_{\ell-1})) + \mathbf{z}_{\ell-1}$"),
+        ("Eq. 3", r"$\mathbf{z}_\ell = \mathrm{MLP}(\mathrm{LN}(\mathbf{z}'_\ell)) + \mathbf{z}'_\ell$"),
+        ("Eq. 4", r"$\mathbf{y} = \mathrm{LN}(\mathbf{z}_L^0)$"),
+    ]
+    for i, (name, equation) in enumerate(equations):
+        ax.text(ex, 15.2 - i * 1.2, name, ha="left", va="center", fontsize=10, color="#990000", style="italic")
+        ax.text(ex, 14.7 - i * 1.2, equation, ha="left", va="center", fontsize=10.5)
+    notes = [f"N = HW / P^2 = {N} patches", f"D = {D} (hidden size)", f"L = {L} layers, k = {k} heads",
+             f"MLP size {M}"]
+    for i, note in enumerate(notes):
+        ax.text(ex, 9.6 - i * 0.55, note, ha="left", va="center", fontsize=10)
+    ax.text(ex, 6.9, "shapes: (batch, tokens, values)\nin blue, after each step", ha="left", va="center",
+            fontsize=9.5, color="#1a4f8a")
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1817,6 +2052,94 @@ def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False,
     return get_trained_vit(MNIST_RECIPE, path, retrain, progress, device)
 
 
+# Your own digit: any image file prepared the way MNIST's digits were -------------------------------------------------
+
+
+def _read_image(path: str | Path):
+    """The image file at ``path`` as a PIL image; errors name the path and what was expected."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at {path}; expected a PNG or JPEG file (check the path)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)  # photos: turn them the way the camera was held
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path} is not an image that Pillow can read; expected a PNG or JPEG file "
+                         f"({error})") from None
+
+
+def mnist_style(path: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
+    """An image file (PNG or JPEG, any size, colour or grey, light or dark background, transparent or not) prepared
+    the way MNIST's digits were: (1, 28, 28), light ink on black, normalised with ``mean`` and ``std``.
+
+    The steps: greyscale; a transparent background made the opposite of the ink; inverted if the background (the
+    border's median) is light; contrast stretched so the background is 0 and the darkest ink 1; cropped to the ink;
+    the longer side scaled to 20 pixels, keeping the aspect ratio; placed in 28x28 with its centre of mass at the
+    centre (LeCun et al.'s recipe for MNIST).
+    """
+    from PIL import Image
+
+    picture = _read_image(path)
+    if "A" in picture.getbands() or "transparency" in picture.info:  # transparent parts: give them a background
+        rgba = np.asarray(picture.convert("RGBA"), dtype=np.float64) / 255  # (height, width, 4)
+        alpha = rgba[..., 3]
+        grey_ink = rgba[..., :3].mean(axis=-1)
+        ink_is_dark = (grey_ink * alpha).sum() / max(alpha.sum(), 1e-8) < 0.5
+        background = 1.0 if ink_is_dark else 0.0  # dark ink goes on white, light ink on black
+        grey = grey_ink * alpha + background * (1 - alpha)
+    else:
+        grey = np.asarray(picture.convert("L"), dtype=np.float64) / 255  # (height, width) in [0, 1]
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if np.median(border) > 0.5:  # a light background: dark ink on paper
+        grey, border = 1 - grey, 1 - border
+    background = np.median(border)
+    ink = np.clip((grey - background) / max(grey.max() - background, 1e-8), 0, 1)  # background 0, strongest ink 1
+    rows, cols = np.nonzero(ink > 0.2)
+    if len(rows) == 0 or grey.max() - background < 0.1:
+        raise ValueError(f"{path}: found no digit (the image is one flat colour); expected a digit drawn or written "
+                         f"on a plain background")
+    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # cropped to the ink's bounding box
+    height, width = ink.shape
+    scale = 20 / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # (width, height), longer side 20
+    small = Image.fromarray(np.uint8(np.round(ink * 255))).resize(size, Image.Resampling.LANCZOS)
+    small = np.asarray(small, dtype=np.float64) / 255  # (<= 20, <= 20)
+    ys, xs = np.indices(small.shape)
+    mass = small.sum()
+    centre_y, centre_x = (ys * small).sum() / mass, (xs * small).sum() / mass
+    top, left = int(round(14 - centre_y)), int(round(14 - centre_x))  # MNIST's centres of mass sit at (14, 14)
+    top, left = min(max(top, 0), 28 - small.shape[0]), min(max(left, 0), 28 - small.shape[1])  # stay inside
+    canvas = np.zeros((28, 28))
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    pixels = torch.tensor(canvas, dtype=torch.float32).unsqueeze(0)  # (1, 28, 28) in [0, 1], as ToTensor gives
+    return (pixels - mean) / std
+
+
+@torch.inference_mode()
+def predict_image(model: nn.Module | str | Path, path: str | Path, mean: float | None = None,
+                  std: float | None = None) -> torch.Tensor:
+    """The class probabilities, (num_classes,), that ``model`` gives the image file at ``path``, prepared by
+    ``mnist_style``. ``model`` is a model or the path of a checkpoint written by ``save_model`` (its saved mean and
+    std are then used); otherwise ``mean`` and ``std`` default to MNIST's."""
+    if isinstance(model, (str, Path)):
+        checkpoint = load_checkpoint(model)
+        mean = checkpoint.get("mean", MNIST_MEAN) if mean is None else mean
+        std = checkpoint.get("std", MNIST_STD) if std is None else std
+        model = load_vit(model)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a model or the path of a saved one, got {type(model).__name__}")
+    image = mnist_style(path, MNIST_MEAN if mean is None else mean, MNIST_STD if std is None else std)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits = model(image.unsqueeze(0).to(device))  # (1, num_classes)
+    model.train(was_training)
+    return logits.softmax(dim=-1)[0].cpu()  # (num_classes,)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 8. Looking inside a trained ViT (notebook 08)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2068,7 +2391,85 @@ def imagenet_transform(weights: str = IMAGENET_WEIGHTS) -> transforms.Compose:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 10. Plumbing no notebook teaches: the scripts' command lines, run locks, atomic writes, weight digests
+# 10. ViT against a CNN (notebook 10)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """A LeNet-style convolutional network for 28x28 digits, about as large as ``vit_mnist`` (~200k parameters): two
+    5x5 convolutions (16 and 32 channels), each with ReLU and 2x2 max-pooling, a hidden layer of 120 (LeNet-5's) and
+    the head. Its convolutions see 5x5 neighbourhoods: locality is built in."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
+                 channels: tuple[int, int] = (16, 32), hidden: int = 120) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size={image_size} must be divisible by 4 (two 2x2 poolings)")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], kernel_size=5, padding=2), nn.ReLU(),  # (batch, 16, 28, 28)
+            nn.MaxPool2d(2),  # (batch, 16, 14, 14)
+            nn.Conv2d(channels[0], channels[1], kernel_size=5, padding=2), nn.ReLU(),  # (batch, 32, 14, 14)
+            nn.MaxPool2d(2),  # (batch, 32, 7, 7)
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),  # (batch, 32 * 7 * 7)
+            nn.Linear(channels[1] * (image_size // 4) ** 2, hidden), nn.ReLU(),  # (batch, 120)
+            nn.Linear(hidden, num_classes),  # (batch, num_classes)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The number of trainable values in ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def pixel_permutation(num_pixels: int = 28 * 28, seed: int = 0) -> torch.Tensor:
+    """One fixed random order of ``num_pixels`` pixels (seeded): (num_pixels,)."""
+    return torch.randperm(num_pixels, generator=torch.Generator().manual_seed(seed))
+
+
+def shuffle_pixels(images: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """Every image's pixels moved by the same ``permutation``: (..., height, width) -> the same shape. Pixel ``i`` of
+    the result (row by row) is pixel ``permutation[i]`` of the input, so neighbours are no longer neighbours."""
+    if permutation.numel() != images.shape[-2] * images.shape[-1]:
+        raise ValueError(f"permutation has {permutation.numel()} entries for {images.shape[-2]}x{images.shape[-1]} "
+                         f"images; make it with pixel_permutation({images.shape[-2] * images.shape[-1]})")
+    flat = images.flatten(-2)  # (..., height * width)
+    return flat[..., permutation].reshape(images.shape)
+
+
+def shuffled_dataset(dataset: torch.utils.data.TensorDataset,
+                     permutation: torch.Tensor) -> torch.utils.data.TensorDataset:
+    """A TensorDataset of images with their pixels shuffled by ``permutation``, labels unchanged."""
+    images, labels = dataset.tensors
+    return torch.utils.data.TensorDataset(shuffle_pixels(images, permutation), labels)
+
+
+def first_examples(dataset: torch.utils.data.TensorDataset, n: int) -> torch.utils.data.TensorDataset:
+    """The first ``n`` examples of a TensorDataset (MNIST's first thousands hold every digit about equally)."""
+    if not 0 < n <= len(dataset):
+        raise ValueError(f"n={n} must be between 1 and the dataset's {len(dataset)} examples")
+    return torch.utils.data.TensorDataset(*(tensor[:n] for tensor in dataset.tensors))
+
+
+def train_classifier(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs: int, batch_size: int = 128,
+                     lr: float = 2e-3, weight_decay: float = 0.05, warmup: float = 0.1, seed: int = 42,
+                     device: torch.device | str = "cpu", progress: bool = False) -> dict[str, list[float]]:
+    """Train any classifier with notebook 07's optimizer and schedule (AdamW, linear warm-up over the first ``warmup``
+    of the steps, cosine decay) through ``train``, without augmentation; returns ``train``'s results."""
+    train_loader, test_loader = make_dataloaders(train_data, test_data, batch_size, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total_steps = epochs * len(train_loader)
+    scheduler = warmup_cosine_schedule(optimizer, total_steps, warmup_steps=round(warmup * total_steps))
+    return train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs, device, scheduler,
+                 progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 11. Plumbing no notebook teaches: the scripts' command lines, run locks, atomic writes, weight digests
 # ---------------------------------------------------------------------------------------------------------------------
 
 # The training scripts share these pieces, so that neither imports the other. What a run guarantees: flags are checked

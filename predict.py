@@ -1,0 +1,53 @@
+"""Classify your own digit: an image file (PNG or JPEG, any size, colour or grey, dark ink on light paper or the
+other way round) prepared the way MNIST's digits were, through a trained ViT.
+
+    python predict.py my_digit.png                           # the model train.py saves (runs/vit_mnist.pth)
+    python predict.py my_digit.jpg --model runs/other.pth --top 5
+
+Prints the most likely classes with their probabilities. The preparation (``hf.mnist_style``): greyscale, inverted if
+the background is light, cropped to the ink, the longer side scaled to 20 pixels, centred by its centre of mass in
+28x28, normalised with the mean and std saved in the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import helper_functions as hf
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Classify a digit in an image file with a trained ViT.")
+    parser.add_argument("image", type=Path, help="a PNG or JPEG file with one digit on a plain background")
+    parser.add_argument("--model", type=Path, default=hf.RUNS_DIR / "vit_mnist.pth",
+                        help="a checkpoint written by train.py (default: runs/vit_mnist.pth)")
+    parser.add_argument("--top", type=int, default=3, help="how many classes to print (default: 3)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[tuple[int, float]]:
+    """Print and return the ``--top`` (class, probability) pairs."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top must be at least 1, got {args.top}")
+    if not args.model.exists():
+        sys.exit(f"predict.py: no trained model at {args.model}; train one first with `python train.py` "
+                 f"(about 5 minutes on 2 CPU cores), or pass --model PATH")
+    try:
+        checkpoint = hf.load_checkpoint(args.model)
+        probabilities = hf.predict_image(args.model, args.image)
+    except (FileNotFoundError, ValueError, TypeError) as error:
+        sys.exit(f"predict.py: {str(error).splitlines()[0].rstrip(': ')}")  # one line, no traceback
+    names = {"fashion-mnist": hf.torchvision.datasets.FashionMNIST.classes}.get(checkpoint.get("dataset"))
+    top = probabilities.topk(min(args.top, len(probabilities)))
+    pairs = [(int(c), float(p)) for p, c in zip(top.values, top.indices)]
+    print(f"{args.image} ({args.model.name}):")
+    for c, p in pairs:
+        print(f"  {names[c] if names else c}: {p:.1%}")
+    return pairs
+
+
+if __name__ == "__main__":
+    main()
