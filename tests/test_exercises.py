@@ -13,7 +13,8 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # The notebooks whose exercises are written so far; 07-09 get theirs from another branch.
 WITH_EXERCISES = ["00_setup_and_data", "01_patch_embedding", "02_multi_head_self_attention", "03_mlp_block",
-                  "04_transformer_encoder", "06_debugging_classic_bugs"]
+                  "04_transformer_encoder", "05_vision_transformer", "06_debugging_classic_bugs",
+                  "10_vit_vs_cnn"]
 EXERCISE = re.compile(r"^### Exercise (\d+) \((easy|medium|harder)\)", re.MULTILINE)
 
 
