@@ -74,7 +74,7 @@ def build_parser() -> hf.ArgumentParser:
                      help="random rotation (+-10 deg), shift (+-2 px) and zoom (+-10%%) of each training image "
                           f"[{d['augment']}]")
     run.add_argument("--seed", type=hf.seed_int, help=f"0 to 2**32 - 1 [{d['seed']}]")
-    run.add_argument("--val-split", dest="val_split", type=non_negative_int,
+    run.add_argument("--val-split", dest="val_split", type=hf.non_negative_int,
                      help="training images held out as a validation set, measured after every epoch; the test set is "
                           f"then read once, at the end (0: none, every epoch is tested) [{d['val_split']}]")
     run.add_argument("--subset", type=hf.positive_int, help="use only the first N training, N validation and N test "
@@ -96,17 +96,6 @@ def build_parser() -> hf.ArgumentParser:
     out.add_argument("--stop-after", dest="stop_after", type=hf.positive_int,
                      help="stop after this epoch (the run stays resumable) [--epochs]")
     return parser
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0 (0 means none)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
 
 
 def flag(key: str) -> str:

@@ -72,7 +72,7 @@ def build_parser() -> hf.ArgumentParser:
     run.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float,
                      help=f"[{d['warmup_epochs']}, or a tenth of a shorter run]")
     run.add_argument("--seed", type=hf.seed_int, default=d["seed"], help=f"[{d['seed']}]")
-    run.add_argument("--val-split", dest="val_split", type=non_negative_int, default=d["val_split"],
+    run.add_argument("--val-split", dest="val_split", type=hf.non_negative_int, default=d["val_split"],
                      help="training digits held out (the labelled ones are drawn from the rest) and measured after "
                           "every epoch; the test set is then read once, at the end (0: none, every epoch is tested) "
                           f"[{d['val_split']}]")
@@ -81,17 +81,6 @@ def build_parser() -> hf.ArgumentParser:
                           "ViT-B/16 on a CPU) [all]")
     hf.add_output_arguments(parser, default_name="vit_mnist_<num-labels>_labels_<mode>")
     return parser
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0 (0 means none)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
 
 
 def split_data(train_images: torch.utils.data.Dataset, test_images: torch.utils.data.Dataset, num_labels: int,
