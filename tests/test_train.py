@@ -68,7 +68,7 @@ def test_the_readme_command_train_py_epochs_1_runs(tmp_path):
     (["--dataset", "cifar10"], "unknown dataset 'cifar10'; choose one of fashion-mnist, mnist"),
     (["--patch-size", "5"], "--patch-size 5 does not divide the 28x28 images; choose one of [1, 2, 4, 7, 14, 28]"),
     (["--embedding-dim", "30", "--heads", "4"], "--embedding-dim 30 is not divisible by --heads 4"),
-    (["--epochs", "0"], "must be a positive integer"),
+    (["--epochs", "0"], "must be a positive whole number"),
     (["--epochs", "2", "--stop-after", "3"], "--stop-after 3 is beyond --epochs 2"),
     (["--resume", "--out-dir", "nowhere"], "no run saved at nowhere/vit_mnist.pth"),
 ])
