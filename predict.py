@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float]]:
     if not args.model.exists():
         sys.exit(f"predict.py: no trained model at {args.model}; train one first with `python train.py` "
                  f"(about 5 minutes on 2 CPU cores), or pass --model PATH")
-    try:
-        checkpoint = hf.load_checkpoint(args.model)
-        probabilities = hf.predict_image(args.model, args.image)
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        sys.exit(f"predict.py: {str(error).splitlines()[0].rstrip(': ')}")  # one line, no traceback
+    # Ctrl-C, a damaged or unreadable checkpoint, a folder or a file we may not read: one line, never a traceback
+    with hf.command_line_errors(parser):
+        try:
+            checkpoint = hf.load_checkpoint(args.model)
+            probabilities = hf.predict_image(args.model, args.image)
+        except (ValueError, TypeError) as error:  # not an image, a blank image, weights that do not fit
+            sys.exit(f"predict.py: {str(error).splitlines()[0].rstrip(': ')}")
     names = {"fashion-mnist": hf.torchvision.datasets.FashionMNIST.classes}.get(checkpoint.get("dataset"))
     top = probabilities.topk(min(args.top, len(probabilities)))
     pairs = [(int(c), float(p)) for p, c in zip(top.values, top.indices)]
