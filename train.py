@@ -196,10 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
             # 3. Data, model, loss, AdamW and the warm-up + cosine schedule: the same setup notebook 07 uses
             # a resumed run holds out the validation images it saved (a run from before validation sets: none)
-            setup = hf.TrainingSetup(config="vit_mnist", **recipe,
+            setup = hf.TrainingSetup(config="vit_mnist", **recipe, device=device,
                                      val_indices=checkpoint.get("val_indices") if checkpoint else None)
-            setup.model.to(device)
-            history: dict[str, list[float]] = {}
+            history: dict[str, list[float]] = {}  # the engine appends each epoch's metrics
             if checkpoint:
                 setup.model.load_state_dict(checkpoint["state_dict"])
                 setup.load_training_state(checkpoint["train_state"])
@@ -220,10 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             held_out = "val" if setup.val_loader is not None else "test"
             results: dict = {}
 
-            def save(epoch: int, new: dict[str, list[float]]) -> None:
-                so_far = {k: history.get(k, []) + new[k] for k in new}
+            def save(epoch: int, history: dict[str, list[float]]) -> None:
+                so_far = dict(history)
                 if held_out == "val" and epoch == recipe["epochs"]:  # the run is finished: read the test set, once
-                    so_far.update(setup.test(device, amp=args.amp))
+                    so_far.update(setup.test(amp=args.amp))
                 train_state = setup.training_state()  # every process takes part: it gathers their random states
                 if hf.is_main_process():
                     hf.save_run(setup.model, so_far, args.out_dir, name=name, dataset=recipe["dataset"],
@@ -234,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 results.clear()
                 results.update(so_far)
 
-            setup.train(stop - done, device, compile=args.compile, amp=args.amp,
-                        progress=args.progress and hf.is_main_process(), start_epoch=done, on_epoch_end=save)
+            setup.train(stop, history, compile=args.compile, amp=args.amp,
+                        progress=args.progress and hf.is_main_process(), on_epoch_end=save)
             if processes > 1:
                 digest = hf.check_processes_agree(setup.model)
                 hf.print0(f"weights identical in all {processes} processes (sha256 {digest[:16]})")

@@ -69,6 +69,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "bfloat16_autocast": dict(amp=True),
     "patch_4": dict(patch_size=4),
     "patch_4_fused_batch_256": dict(patch_size=4, fused=True, batch_size=256),
+    "patch_4_explicit_attention": dict(patch_size=4, explicit_attention=True),
     "patch_4_compile": dict(patch_size=4, compile=True),
     "patch_4_fused_compile": dict(patch_size=4, fused=True, compile=True),
     "fused_batch_256": dict(fused=True, batch_size=256),
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="baseline and fused_adamw, 2 repeats of 3 steps")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(LEVERS)}")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--images", type=int, default=3840, help="training images per measurement (default 3840)")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "benchmarks" / "results" / "levers.json")
     args = parser.parse_args()
@@ -139,6 +141,8 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown lever(s) {unknown}; choose from {', '.join(LEVERS)}")
     repeats, images = (2, 384) if args.quick else (args.repeats, args.images)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train_data, _ = hf.get_tensor_datasets("mnist")
     steps_fns, compile_seconds = {}, {}
     for name in names:

@@ -15,8 +15,8 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     device = hf.init_distributed("cpu")
     rank, world = hf.process_rank()
-    setup = hf.TrainingSetup(**TINY)
-    results = setup.train(device=device, progress=False)
+    setup = hf.TrainingSetup(**TINY, device=device)
+    results = setup.train(progress=False)
     torch.save(setup.model.state_dict(), out / f"rank{rank}.pt")
     test_indices = list(setup.test_loader.dataset.indices)  # this process's share of the test set
     (out / f"rank{rank}.json").write_text(json.dumps({"world": world, "results": results,

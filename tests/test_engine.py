@@ -167,3 +167,40 @@ def test_save_run_writes_weights_results_and_curves(tmp_path):
     paths = hf.save_run(_tiny_vit(), results, tmp_path, name="tiny", dataset="toy")
     assert {p.name for p in tmp_path.iterdir()} == {"tiny.pth", "tiny.json", "tiny.pkl", "tiny_loss_curves.png"}
     assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_continues_a_history_it_is_given_and_numbers_epochs_from_it():
+    model = _tiny_vit()
+    train_loader, test_loader = _toy_loaders(64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    history = hf.train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs=2, progress=False)
+    same = hf.train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs=3, results=history,
+                    progress=False, on_epoch_end=lambda epoch, results: seen.append(epoch))
+    assert same is history and seen == [3]  # epoch 3 only: 1 and 2 were in the history
+    assert all(len(values) == 3 for values in history.values())
+    with pytest.raises(ValueError, match="above the 3 epochs already in results"):
+        hf.train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs=3, results=history,
+                 progress=False)
+
+
+def test_train_applies_augment_to_every_training_batch_and_never_to_the_evaluation():
+    model = _tiny_vit()
+    train_loader, test_loader = _toy_loaders(64)  # 2 training batches
+    augmented = []
+
+    def augment(images):
+        augmented.append(images.shape[0])
+        return images.flip(-1)
+
+    hf.train(model, train_loader, test_loader, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+             epochs=2, augment=augment, progress=False)
+    assert augmented == [32, 32, 32, 32]
+
+
+def test_training_setup_builds_its_model_on_its_device_with_fused_adamw():
+    setup = hf.TrainingSetup(subset=64, epochs=1, warmup_epochs=0, num_layers=1, embedding_dim=16, num_heads=2,
+                             mlp_size=32, device="cpu")
+    assert setup.optimizer.defaults["fused"] is True
+    assert all(p.device.type == "cpu" for p in setup.model.parameters())
+    assert setup.augment is hf.random_affine

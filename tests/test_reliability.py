@@ -301,7 +301,7 @@ def test_bad_api_arguments_name_the_argument(tmp_path):
     model = tiny_vit()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 28, 28),
                                                                         torch.zeros(4, dtype=torch.long)))
-    with pytest.raises(ValueError, match="epochs must be a positive whole number .*got -1"):
+    with pytest.raises(ValueError, match="epochs must be a whole number above the 0 epochs already in results .*got -1"):
         hf.train(model, loader, loader, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
                  epochs=-1)
     for kwargs, message in ((dict(epochs=-1), "epochs must be a whole number >= 1, got -1"),
