@@ -112,12 +112,15 @@ def test_loading_a_checkpoint_with_pickled_code_does_not_run_it(tmp_path, capsys
     assert "this must never run" not in capsys.readouterr().out
 
 
-def test_loading_weights_of_another_shape_names_the_keys_and_shapes(tmp_path, toy_vit):
-    bigger = hf.ViT(image_size=4, in_channels=1, patch_size=2, num_layers=1, num_heads=2, embedding_dim=16,
-                    mlp_size=16, num_classes=3)
-    path = hf.save_model(bigger, tmp_path / "bigger.pth")
-    with pytest.raises(ValueError, match=r"shape mismatch class_token: checkpoint \(1, 1, 16\) vs model \(1, 1, 8\)"):
-        hf.load_model(toy_vit(), path)
+def test_loading_weights_of_another_shape_names_the_missing_keys_and_the_shapes(tmp_path, tiny_vit):
+    hf.save_model(tiny_vit(), tmp_path / "p7.pth")
+    with pytest.raises(ValueError) as error:
+        hf.load_model(tiny_vit(patch_size=4, num_layers=2), tmp_path / "p7.pth")
+    message = str(error.value)
+    assert "missing keys: ['encoder.1.ln_1.bias'" in message
+    assert ("shape mismatch patch_embedding.projection.weight: checkpoint (16, 1, 7, 7) vs model (16, 1, 4, 4)"
+            in message)
+    assert "shape mismatch position_embedding: checkpoint (1, 17, 16) vs model (1, 50, 16)" in message
 
 
 def test_results_round_trip_through_json_and_pickle(tmp_path):

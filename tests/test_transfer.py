@@ -84,17 +84,6 @@ def test_a_new_heads_checkpoint_rebuilds_the_model_without_guessing(tmp_path, ti
     assert torch.equal(rebuilt(images), model.eval()(images))
 
 
-def test_loading_weights_that_do_not_fit_names_the_keys_and_shapes(tmp_path, tiny_vit):
-    hf.save_model(tiny_vit(), tmp_path / "p7.pth")
-    with pytest.raises(ValueError) as error:
-        hf.load_model(tiny_vit(patch_size=4, num_layers=2), tmp_path / "p7.pth")
-    message = str(error.value)
-    assert "missing keys: ['encoder.1.ln_1.bias'" in message
-    assert ("shape mismatch patch_embedding.projection.weight: checkpoint (16, 1, 7, 7) vs model (16, 1, 4, 4)"
-            in message)
-    assert "shape mismatch position_embedding: checkpoint (1, 17, 16) vs model (1, 50, 16)" in message
-
-
 def test_the_script_names_the_mismatch_when_weights_are_not_vit_b_16(tmp_path, capsys):
     small = torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=1, num_heads=2,
                                                  hidden_dim=16, mlp_dim=32)
