@@ -126,8 +126,6 @@ def test_unknown_dataset_name_is_rejected():
 
 
 def test_pickle_reader_refuses_anything_but_numpy_arrays():
-    import gzip
-
     class Evil:
         def __reduce__(self):
             return (print, ("code ran",))
