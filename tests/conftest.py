@@ -72,3 +72,9 @@ def toy_loaders():
         return DataLoader(data, batch_size=32, shuffle=True, generator=g), DataLoader(data, batch_size=64)
 
     return build
+
+
+@pytest.fixture
+def history() -> dict[str, list[float]]:
+    """A made-up two-epoch run history, in the form ``hf.train`` returns."""
+    return {"train_loss": [1.5, 0.5], "train_acc": [0.5, 0.9], "test_loss": [1.2, 0.6], "test_acc": [0.6, 0.85]}

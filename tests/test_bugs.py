@@ -329,20 +329,18 @@ def test_bugs_keep_the_state_dict_keys(bug):
     assert list(tiny_vit(bug).state_dict()) == list(tiny_vit().state_dict())
 
 
-def test_plot_bug_vs_fix_draws_loss_and_accuracy():
+def test_plot_bug_vs_fix_draws_loss_and_accuracy(history):
     import matplotlib.pyplot as plt
 
-    results = {"train_loss": [2.3, 1.0], "train_acc": [0.1, 0.7], "test_loss": [2.3, 1.1], "test_acc": [0.1, 0.6]}
-    fig = hf.plot_bug_vs_fix({"bug": results, "fix": results}, title="test")
+    fig = hf.plot_bug_vs_fix({"bug": history, "fix": history}, title="test")
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3  # two runs and the ln(10) line
     plt.close(fig)
 
 
-def test_plot_fix_sequences_draws_one_line_per_sequence_on_each_panel():
+def test_plot_fix_sequences_draws_one_line_per_sequence_on_each_panel(history):
     import matplotlib.pyplot as plt
 
-    results = {"train_loss": [2.3, 1.0], "train_acc": [0.1, 0.7], "test_loss": [2.3, 1.1], "test_acc": [0.1, 0.6]}
-    steps = {"all bugs": results, "+ fix": results, "+ other fix": results}
+    steps = {"all bugs": history, "+ fix": history, "+ other fix": history}
     fig = hf.plot_fix_sequences({"blog's order": steps, "reversed": steps}, title="test")
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3 and len(fig.axes[1].lines) == 2  # + the ln(10) line
     plt.close(fig)

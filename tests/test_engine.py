@@ -123,8 +123,8 @@ def test_loading_weights_of_another_shape_names_the_missing_keys_and_the_shapes(
     assert "shape mismatch position_embedding: checkpoint (1, 17, 16) vs model (1, 50, 16)" in message
 
 
-def test_results_round_trip_through_json_and_pickle(tmp_path):
-    results = {"train_loss": [1.5, 0.5], "train_acc": [0.5, 0.9], "test_loss": [1.2, 0.6], "test_acc": [0.6, 0.85]}
+def test_results_round_trip_through_json_and_pickle(tmp_path, history):
+    results = history
     path = hf.save_results(results, tmp_path / "run")
     assert path.suffix == ".json" and json.loads(path.read_text()) == results
     assert hf.load_results(path) == results
@@ -139,9 +139,8 @@ def test_results_pickle_with_code_is_refused(tmp_path):
         hf.load_results(tmp_path / "evil.pkl")
 
 
-def test_plot_loss_curves_draws_from_a_dict_or_a_saved_file_without_a_display(tmp_path):
-    results = {"train_loss": [1.5, 0.5, 0.3], "train_acc": [0.5, 0.9, 0.95], "test_loss": [1.2, 0.6, 0.5],
-               "test_acc": [0.6, 0.85, 0.9]}
+def test_plot_loss_curves_draws_from_a_dict_or_a_saved_file_without_a_display(tmp_path, history):
+    results = history
     path = hf.save_results(results, tmp_path / "run")
     for source in (results, path, path.with_suffix(".pkl"), str(path)):
         fig = hf.plot_loss_curves(source)
@@ -150,8 +149,7 @@ def test_plot_loss_curves_draws_from_a_dict_or_a_saved_file_without_a_display(tm
         assert list(acc_ax.lines[1].get_ydata()) == results["test_acc"]
 
 
-def test_save_run_writes_weights_results_and_curves(tmp_path, toy_vit):
-    results = {"train_loss": [1.0], "train_acc": [0.5], "test_loss": [0.9], "test_acc": [0.6]}
-    paths = hf.save_run(toy_vit(), results, tmp_path, name="tiny", dataset="toy")
+def test_save_run_writes_weights_results_and_curves(tmp_path, toy_vit, history):
+    paths = hf.save_run(toy_vit(), history, tmp_path, name="tiny", dataset="toy")
     assert {p.name for p in tmp_path.iterdir()} == {"tiny.pth", "tiny.json", "tiny.pkl", "tiny_loss_curves.png"}
     assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,6 @@ import train_transferlearning
 
 REPO = Path(__file__).resolve().parents[1]
 TRANSFER = ["--scratch", "--epochs", "1", "--num-labels", "20", "--batch-size", "10", "--subset", "20", "--no-progress"]
-RESULTS = {"train_loss": [1.0], "train_acc": [0.5], "test_loss": [0.9], "test_acc": [0.6]}
 
 
 def exits(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -126,10 +125,10 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, tiny_run):
     assert not (tmp_path / "vit_mnist.lock").exists()
 
 
-def test_get_trained_vit_never_replaces_a_different_run_unless_asked(tmp_path, tiny_vit, tiny_sizes):
+def test_get_trained_vit_never_replaces_a_different_run_unless_asked(tmp_path, tiny_vit, tiny_sizes, history):
     recipe = dict(config="vit_mnist", dataset="mnist", epochs=1, batch_size=64, lr=2e-3, weight_decay=0.05,
                   warmup_epochs=0, label_smoothing=0.0, augment=False, seed=0, subset=128, **tiny_sizes)
-    hf.save_run(tiny_vit(), RESULTS, tmp_path, name="run", recipe={**recipe, "lr": 1e-3}, epoch=1)
+    hf.save_run(tiny_vit(), history, tmp_path, name="run", recipe={**recipe, "lr": 1e-3}, epoch=1)
     before = (tmp_path / "run.pth").read_bytes()
     with pytest.raises(hf.RunExistsError, match=r"holds another run \(epoch 1 of 1; its recipe differs in lr\); "
                                                 r"pass retrain=True"):
@@ -274,8 +273,8 @@ def test_weights_and_pretrained_flags_point_to_each_other(tmp_path, capsys, tiny
                          f"--weights {tmp_path / 'theirs.pth'}" in one_line(err)
 
 
-def test_truncated_results_files_are_named(tmp_path, tiny_vit):
-    hf.save_run(tiny_vit(), RESULTS, tmp_path, name="run")
+def test_truncated_results_files_are_named(tmp_path, tiny_vit, history):
+    hf.save_run(tiny_vit(), history, tmp_path, name="run")
     for suffix in (".json", ".pkl"):
         whole = (tmp_path / f"run{suffix}").read_bytes()
         (tmp_path / f"cut{suffix}").write_bytes(whole[:20])

@@ -109,9 +109,9 @@ def test_warmup_cosine_schedule_rises_linearly_then_decays_to_zero():
         hf.warmup_cosine_schedule(optimizer, total_steps=4, warmup_steps=4)
 
 
-def test_get_trained_mnist_vit_loads_a_saved_run_of_the_current_recipe_without_training(tmp_path, tiny_vit):
+def test_get_trained_mnist_vit_loads_a_saved_run_of_the_current_recipe_without_training(tmp_path, tiny_vit, history):
     model = tiny_vit()
-    results = {"train_loss": [1.0], "train_acc": [0.5], "test_loss": [0.9], "test_acc": [0.6]}
+    results = history
     hf.save_run(model, results, tmp_path, name="vit_mnist", recipe=hf.MNIST_RECIPE)
     loaded, loaded_results = hf.get_trained_mnist_vit(tmp_path / "vit_mnist.pth")
     assert loaded_results == results and not loaded.training
