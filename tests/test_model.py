@@ -1,6 +1,7 @@
 """The model of notebooks 01-05: shapes, equality with PyTorch's reference layers and torchvision's ViT-B/16, parameter
 counts against the paper's Table 1, the batch-independence property, and a clear error for each kind of bad input."""
 import copy
+import inspect
 import math
 
 import pytest
@@ -351,11 +352,15 @@ def test_vit_state_dict_names_are_stable():
     assert "encoder.1.mlp.3.bias" in keys
 
 
-def test_vit_config_rebuilds_the_same_model():
-    model = hf.ViT(**TINY, pool="mean", dropout=0.2)
-    rebuilt = hf.ViT(**model.config)
+def test_vit_config_names_every_constructor_argument_and_rebuilds_the_same_model():
+    model = hf.ViT(**TINY, pool="mean", dropout=0.2, attn_dropout=0.1, layer_norm_eps=1e-5).eval()
+    assert set(model.config) == set(inspect.signature(hf.ViT).parameters), "a setting left out would be lost on load"
+    rebuilt = hf.ViT(**model.config).eval()
     rebuilt.load_state_dict(model.state_dict())
-    assert rebuilt.config == model.config
+    assert repr(rebuilt) == repr(model)  # every layer's sizes, dropout rates and eps
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))
 
 
 @pytest.mark.parametrize("bad", [dict(num_heads=0), dict(patch_size=0), dict(embedding_dim=0), dict(num_layers=-1),
