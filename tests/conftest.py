@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import helper_functions as hf  # noqa: E402
 
-# vit_mnist's 28x28 digits, 7x7 patches and 10 classes at a quarter of its width: 2 heads instead of 4, 1 layer instead of 6.
+# vit_mnist's 28x28 digits, 7x7 patches and 10 classes at a quarter of its width, with 2 heads (not 4) and
+# 1 layer (not 6).
 TINY_SIZES = dict(num_layers=1, embedding_dim=16, num_heads=2, mlp_size=32)
 
 
