@@ -92,16 +92,20 @@ def test_quick_benchmark_runs_all_three_models(tmp_path):
     assert report["skipped"] == {}
 
 
-def test_unknown_configuration_or_model_is_refused_with_the_choices():
+def test_unknown_configuration_or_model_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         tp.parse_args(["--configs", "vit_tiny_nonexistent"])
+    assert f"unknown configuration 'vit_tiny_nonexistent'; choose from {sorted(hf.VIT_CONFIGS)}" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):
         tp.parse_args(["--models", "timm"])
+    assert f"unknown model 'timm'; choose from {', '.join(tp.MODELS)}" in capsys.readouterr().err
 
 
-def test_compile_flag_takes_model_names_or_means_all():
+def test_compile_flag_takes_model_names_or_means_all(capsys):
     assert tp.parse_args([]).compile == ()
     assert tp.parse_args(["--compile"]).compile == tp.MODELS
     assert tp.parse_args(["--compile", "ours,vit-pytorch"]).compile == ("ours", "vit-pytorch")
     with pytest.raises(SystemExit):
         tp.parse_args(["--compile", "ours,timm"])
+    assert "unknown model 'timm'" in capsys.readouterr().err

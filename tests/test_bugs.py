@@ -24,11 +24,13 @@ TINY = dict(image_size=16, patch_size=4, num_layers=2, num_heads=2, embedding_di
 
 
 def tiny_vit(bug=None, seed=0, **overrides):
+    """A seeded ViT for 16x16 images with ``bug`` injected (``None``: the correct model)."""
     hf.set_seeds(seed)
     return hf.vit_with_bug(bug, "vit_mnist", **{**TINY, **overrides})
 
 
 def tiny_batch(size=16, seed=0):
+    """``size`` random 16x16 images and labels, the same for the same seed."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(size, 1, 16, 16, generator=generator)
     labels = torch.randint(0, 10, (size,), generator=generator)
@@ -143,11 +145,6 @@ def test_overfitting_one_batch_fails_with_batch_first_false_attention():
     correct = hf.overfit_one_batch(tiny_vit(), images, labels, steps=40)
     assert buggy[-1] > 1.5  # the labels' entropy: it can only learn which classes are common
     assert correct[-1] < 0.5
-
-
-def test_batch_dependence_needs_two_samples():
-    with pytest.raises(ValueError, match="at least 2"):
-        hf.batch_dependence(tiny_vit(), tiny_batch(size=1)[0])
 
 
 # --- bug 4: no position embeddings, caught by shuffling the patches ---------------------------------------------
@@ -275,16 +272,14 @@ def test_blog_mean_pooling_needs_a_class_token():
 def test_vit_with_bugs_injects_every_bug_and_none_gives_the_correct_model():
     images, _ = tiny_batch()
     everything = ["randn_class_token", *hf.BLOG_FIX_ORDER]
-    model = tiny_vit_with_bugs(everything)
+    hf.set_seeds(0)
+    model = hf.vit_with_bugs(everything, "vit_mnist", **TINY)
     assert any(isinstance(m, hf.TorchSelfAttention) for m in model.modules())
     assert not any(isinstance(m, (nn.GELU, nn.LayerNorm)) for m in model.modules())
     assert model.position_embedding.abs().max() == 0 and model.class_token.std() > 0.5
-    assert hf.max_abs_difference(tiny_vit_with_bugs([]).eval(), tiny_vit().eval(), images) < 1e-6
-
-
-def tiny_vit_with_bugs(bugs, seed=0):
-    hf.set_seeds(seed)
-    return hf.vit_with_bugs(bugs, "vit_mnist", **TINY)
+    hf.set_seeds(0)
+    none = hf.vit_with_bugs([], "vit_mnist", **TINY)
+    assert hf.max_abs_difference(none.eval(), tiny_vit().eval(), images) < 1e-6
 
 
 def test_the_blog_fix_order_is_position_embeddings_activations_layer_norms_batch_first():
@@ -334,20 +329,18 @@ def test_bugs_keep_the_state_dict_keys(bug):
     assert list(tiny_vit(bug).state_dict()) == list(tiny_vit().state_dict())
 
 
-def test_plot_bug_vs_fix_draws_loss_and_accuracy():
+def test_plot_bug_vs_fix_draws_loss_and_accuracy(history):
     import matplotlib.pyplot as plt
 
-    results = {"train_loss": [2.3, 1.0], "train_acc": [0.1, 0.7], "test_loss": [2.3, 1.1], "test_acc": [0.1, 0.6]}
-    fig = hf.plot_bug_vs_fix({"bug": results, "fix": results}, title="test")
+    fig = hf.plot_bug_vs_fix({"bug": history, "fix": history}, title="test")
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3  # two runs and the ln(10) line
     plt.close(fig)
 
 
-def test_plot_fix_sequences_draws_one_line_per_sequence_on_each_panel():
+def test_plot_fix_sequences_draws_one_line_per_sequence_on_each_panel(history):
     import matplotlib.pyplot as plt
 
-    results = {"train_loss": [2.3, 1.0], "train_acc": [0.1, 0.7], "test_loss": [2.3, 1.1], "test_acc": [0.1, 0.6]}
-    steps = {"all bugs": results, "+ fix": results, "+ other fix": results}
+    steps = {"all bugs": history, "+ fix": history, "+ other fix": history}
     fig = hf.plot_fix_sequences({"blog's order": steps, "reversed": steps}, title="test")
     assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 3 and len(fig.axes[1].lines) == 2  # + the ln(10) line
     plt.close(fig)

@@ -126,8 +126,6 @@ def test_unknown_dataset_name_is_rejected():
 
 
 def test_pickle_reader_refuses_anything_but_numpy_arrays():
-    import gzip
-
     class Evil:
         def __reduce__(self):
             return (print, ("code ran",))
@@ -280,7 +278,8 @@ def test_set_seeds_makes_every_generator_repeat():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
-def test_get_device_returns_an_available_device():
-    device = hf.get_device()
-    assert device.type in {"cuda", "mps", "cpu"}
-    torch.zeros(1, device=device)
+def test_get_device_prefers_cuda_then_apples_mps_then_the_cpu(monkeypatch):
+    for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert hf.get_device() == torch.device(expected), (cuda, mps)

@@ -7,38 +7,23 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import helper_functions as hf
 
 
-def _toy_loaders(n: int = 256, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Two Gaussian blobs per class in 1x4x4 'images': easy to learn, instant to run."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    images = torch.randn(n, 1, 4, 4, generator=g) * 0.5 + labels.view(-1, 1, 1, 1).float()
-    data = TensorDataset(images, labels)
-    return DataLoader(data, batch_size=32, shuffle=True, generator=g), DataLoader(data, batch_size=64)
-
-
-def _tiny_vit() -> hf.ViT:
-    return hf.ViT(image_size=4, in_channels=1, patch_size=2, num_layers=1, num_heads=2, embedding_dim=8, mlp_size=16,
-                  num_classes=3)
-
-
-def test_a_tiny_vit_loss_falls_over_a_few_epochs():
+def test_a_tiny_vit_loss_falls_over_a_few_epochs(toy_vit, toy_loaders):
     hf.set_seeds(0)
-    model = _tiny_vit()
-    train_loader, test_loader = _toy_loaders()
+    model = toy_vit()
+    train_loader, test_loader = toy_loaders()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     results = hf.train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs=5, progress=False)
     assert results["train_loss"][-1] < 0.5 * results["train_loss"][0]
     assert results["test_acc"][-1] > 0.9
 
 
-def test_train_returns_one_plain_float_per_epoch_for_each_metric():
-    model = _tiny_vit()
-    train_loader, test_loader = _toy_loaders(64)
+def test_train_returns_one_plain_float_per_epoch_for_each_metric(toy_vit, toy_loaders):
+    model = toy_vit()
+    train_loader, test_loader = toy_loaders(64)
     results = hf.train(model, train_loader, test_loader, torch.optim.SGD(model.parameters(), lr=0.1),
                        nn.CrossEntropyLoss(), epochs=2, progress=False)
     assert list(results) == ["train_loss", "train_acc", "test_loss", "test_acc"]
@@ -46,9 +31,9 @@ def test_train_returns_one_plain_float_per_epoch_for_each_metric():
     assert all(0.0 <= acc <= 1.0 for acc in results["train_acc"] + results["test_acc"])
 
 
-def test_scheduler_is_stepped_once_per_batch():
-    model = _tiny_vit()
-    train_loader, test_loader = _toy_loaders(64)  # 2 batches of 32
+def test_scheduler_is_stepped_once_per_batch(toy_vit, toy_loaders):
+    model = toy_vit()
+    train_loader, test_loader = toy_loaders(64)  # 2 batches of 32
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     hf.train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs=3, scheduler=scheduler,
@@ -56,9 +41,9 @@ def test_scheduler_is_stepped_once_per_batch():
     assert scheduler.last_epoch == 3 * len(train_loader)
 
 
-def test_a_diverging_loss_stops_training_with_the_usual_causes():
-    model = _tiny_vit()
-    train_loader, test_loader = _toy_loaders(64)
+def test_a_diverging_loss_stops_training_with_the_usual_causes(toy_vit, toy_loaders):
+    model = toy_vit()
+    train_loader, test_loader = toy_loaders(64)
     with torch.no_grad():
         model.head.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"epoch 1: the training loss became nan at batch 1 of 2; .*learning rate"):
@@ -66,53 +51,53 @@ def test_a_diverging_loss_stops_training_with_the_usual_causes():
                  nn.CrossEntropyLoss(), epochs=1, progress=False)
 
 
-def test_test_step_does_not_change_the_model_or_track_gradients():
-    model = _tiny_vit()
+def test_test_step_does_not_change_the_model_or_track_gradients(toy_vit, toy_loaders):
+    model = toy_vit()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, test_loader = _toy_loaders(64)
+    _, test_loader = toy_loaders(64)
     hf.test_step(model, test_loader, nn.CrossEntropyLoss())
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_save_and_load_model_round_trip_keeps_weights_and_config(tmp_path):
-    model = _tiny_vit()
+def test_save_and_load_model_round_trip_keeps_weights_and_config(tmp_path, toy_vit):
+    model = toy_vit()
     path = hf.save_model(model, tmp_path / "tiny.pth", dataset="toy", mean=0.5, std=0.25)
     checkpoint = hf.load_checkpoint(path)
     assert checkpoint["config"] == model.config and checkpoint["dataset"] == "toy" and checkpoint["mean"] == 0.5
     rebuilt = hf.load_vit(path)
-    other = hf.load_model(_tiny_vit(), path)
+    other = hf.load_model(toy_vit(), path)
     x = torch.randn(3, 1, 4, 4)
     model.eval(), rebuilt.eval(), other.eval()
     assert torch.equal(model(x), rebuilt(x)) and torch.equal(model(x), other(x))
 
 
-def test_save_is_atomic_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+def test_save_is_atomic_a_failed_write_leaves_no_file(tmp_path, monkeypatch, toy_vit):
     def crash(src, dst):
         raise OSError("simulated crash before the rename")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
-        hf.save_model(_tiny_vit(), tmp_path / "tiny.pth")
+        hf.save_model(toy_vit(), tmp_path / "tiny.pth")
     assert list(tmp_path.iterdir()) == [], "neither the checkpoint nor a temporary file is left"
 
 
-def test_loading_a_missing_file_says_how_to_get_one(tmp_path):
+def test_loading_a_missing_file_says_how_to_get_one(tmp_path, toy_vit):
     with pytest.raises(FileNotFoundError, match="no model file at .*missing.pth; train one first"):
-        hf.load_model(_tiny_vit(), tmp_path / "missing.pth")
+        hf.load_model(toy_vit(), tmp_path / "missing.pth")
 
 
-def test_loading_a_foreign_state_dict_is_refused_with_a_pointer(tmp_path):
+def test_loading_a_foreign_state_dict_is_refused_with_a_pointer(tmp_path, toy_vit):
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="not written by helper_functions.save_model"):
-        hf.load_model(_tiny_vit(), tmp_path / "foreign.pth")
+        hf.load_model(toy_vit(), tmp_path / "foreign.pth")
 
 
-def test_loading_a_corrupt_file_is_refused(tmp_path):
+def test_loading_a_corrupt_file_is_refused(tmp_path, toy_vit):
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint" * 10)
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        hf.load_model(_tiny_vit(), tmp_path / "garbage.pth")
+        hf.load_model(toy_vit(), tmp_path / "garbage.pth")
 
 
 class _Payload:
@@ -120,23 +105,26 @@ class _Payload:
         return (print, ("this must never run",))
 
 
-def test_loading_a_checkpoint_with_pickled_code_does_not_run_it(tmp_path, capsys):
+def test_loading_a_checkpoint_with_pickled_code_does_not_run_it(tmp_path, capsys, toy_vit):
     torch.save({"format": hf.CHECKPOINT_FORMAT, "state_dict": {}, "evil": _Payload()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
-        hf.load_model(_tiny_vit(), tmp_path / "evil.pth")
+        hf.load_model(toy_vit(), tmp_path / "evil.pth")
     assert "this must never run" not in capsys.readouterr().out
 
 
-def test_loading_weights_of_another_shape_names_the_keys_and_shapes(tmp_path):
-    bigger = hf.ViT(image_size=4, in_channels=1, patch_size=2, num_layers=1, num_heads=2, embedding_dim=16,
-                    mlp_size=16, num_classes=3)
-    path = hf.save_model(bigger, tmp_path / "bigger.pth")
-    with pytest.raises(ValueError, match=r"shape mismatch class_token: checkpoint \(1, 1, 16\) vs model \(1, 1, 8\)"):
-        hf.load_model(_tiny_vit(), path)
+def test_loading_weights_of_another_shape_names_the_missing_keys_and_the_shapes(tmp_path, tiny_vit):
+    hf.save_model(tiny_vit(), tmp_path / "p7.pth")
+    with pytest.raises(ValueError) as error:
+        hf.load_model(tiny_vit(patch_size=4, num_layers=2), tmp_path / "p7.pth")
+    message = str(error.value)
+    assert "missing keys: ['encoder.1.ln_1.bias'" in message
+    assert ("shape mismatch patch_embedding.projection.weight: checkpoint (16, 1, 7, 7) vs model (16, 1, 4, 4)"
+            in message)
+    assert "shape mismatch position_embedding: checkpoint (1, 17, 16) vs model (1, 50, 16)" in message
 
 
-def test_results_round_trip_through_json_and_pickle(tmp_path):
-    results = {"train_loss": [1.5, 0.5], "train_acc": [0.5, 0.9], "test_loss": [1.2, 0.6], "test_acc": [0.6, 0.85]}
+def test_results_round_trip_through_json_and_pickle(tmp_path, history):
+    results = history
     path = hf.save_results(results, tmp_path / "run")
     assert path.suffix == ".json" and json.loads(path.read_text()) == results
     assert hf.load_results(path) == results
@@ -151,9 +139,8 @@ def test_results_pickle_with_code_is_refused(tmp_path):
         hf.load_results(tmp_path / "evil.pkl")
 
 
-def test_plot_loss_curves_draws_from_a_dict_or_a_saved_file_without_a_display(tmp_path):
-    results = {"train_loss": [1.5, 0.5, 0.3], "train_acc": [0.5, 0.9, 0.95], "test_loss": [1.2, 0.6, 0.5],
-               "test_acc": [0.6, 0.85, 0.9]}
+def test_plot_loss_curves_draws_from_a_dict_or_a_saved_file_without_a_display(tmp_path, history):
+    results = history
     path = hf.save_results(results, tmp_path / "run")
     for source in (results, path, path.with_suffix(".pkl"), str(path)):
         fig = hf.plot_loss_curves(source)
@@ -162,9 +149,8 @@ def test_plot_loss_curves_draws_from_a_dict_or_a_saved_file_without_a_display(tm
         assert list(acc_ax.lines[1].get_ydata()) == results["test_acc"]
 
 
-def test_save_run_writes_weights_results_and_curves(tmp_path):
-    results = {"train_loss": [1.0], "train_acc": [0.5], "test_loss": [0.9], "test_acc": [0.6]}
-    paths = hf.save_run(_tiny_vit(), results, tmp_path, name="tiny", dataset="toy")
+def test_save_run_writes_weights_results_and_curves(tmp_path, toy_vit, history):
+    paths = hf.save_run(toy_vit(), history, tmp_path, name="tiny", dataset="toy")
     assert {p.name for p in tmp_path.iterdir()} == {"tiny.pth", "tiny.json", "tiny.pkl", "tiny_loss_curves.png"}
     assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

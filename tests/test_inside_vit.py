@@ -10,13 +10,8 @@ import torch
 import helper_functions as hf
 
 
-def _small_vit() -> hf.ViT:
-    torch.manual_seed(0)
-    return hf.vit_from_config("vit_mnist", num_layers=2).eval()
-
-
-def test_attention_maps_are_what_each_block_computes_from_its_layernorm_output_and_leave_no_hooks():
-    model = _small_vit().train()
+def test_attention_maps_are_what_each_block_computes_from_its_layernorm_output_and_leave_no_hooks(mnist_vit):
+    model = mnist_vit(num_layers=2).train()
     images = torch.randn(2, 1, 28, 28)
     maps = hf.attention_maps(model, images)
     assert maps.shape == (2, 2, 4, 17, 17)  # (layers, batch, heads, 1 + 16 patches, 1 + 16 patches)
@@ -55,14 +50,14 @@ def test_mean_attention_distance_is_zero_for_self_attention_and_the_mean_pairwis
     assert torch.allclose(hf.mean_attention_distance(uniform, patch_size=7), expected.view(1, 1))
 
 
-def test_position_embedding_similarity_is_one_on_the_diagonal_of_the_patch_grid():
-    similarity = hf.position_embedding_similarity(_small_vit())
+def test_position_embedding_similarity_is_one_on_the_diagonal_of_the_patch_grid(mnist_vit):
+    similarity = hf.position_embedding_similarity(mnist_vit(num_layers=2).eval())
     assert similarity.shape == (4, 4, 4, 4)
     assert torch.allclose(torch.einsum("ijij->ij", similarity), torch.ones(4, 4))
 
 
-def test_patch_embedding_components_find_the_direction_the_filters_vary_along():
-    model = _small_vit()
+def test_patch_embedding_components_find_the_direction_the_filters_vary_along(mnist_vit):
+    model = mnist_vit(num_layers=2).eval()
     direction = torch.randn(49)
     with torch.no_grad():  # every filter = 1 + (its own multiple of one direction)
         model.patch_embedding.projection.weight.copy_((1 + torch.randn(64, 1) * direction).view(64, 1, 7, 7))
@@ -106,8 +101,8 @@ def test_notebook_08_shows_every_section_8_tool_with_the_helpers_exact_source():
         assert in_cell == inspect.getsource(getattr(hf, name)).rstrip("\n"), f"{name} drifted from helper_functions"
 
 
-def test_notebook_08_definition_cells_run_alone_with_the_standard_imports_and_match_the_helpers():
-    model = _small_vit()
+def test_notebook_08_definition_cells_run_alone_with_the_standard_imports_and_match_the_helpers(mnist_vit):
+    model = mnist_vit(num_layers=2).eval()
     images = torch.randn(3, 1, 28, 28)
     for name, source in _definition_cells().items():
         assert "hf." not in source and "helper_functions" not in source, f"the cell defining {name} uses the helpers"

@@ -5,12 +5,7 @@ import torch
 import helper_functions as hf
 
 
-def tiny_vit(**overrides):
-    hf.set_seeds(0)
-    return hf.vit_from_config("vit_mnist", num_layers=1, embedding_dim=16, num_heads=2, mlp_size=32, **overrides)
-
-
-def test_interpolated_position_embedding_has_one_row_per_new_patch_plus_the_class_token():
+def test_interpolated_position_embedding_has_one_row_per_new_patch_plus_the_class_token(tiny_vit):
     model = tiny_vit()  # 28 / 7 = 4 x 4 patches
     assert tuple(hf.interpolate_position_embedding(model, 42).shape) == (1, 1 + 6 * 6, 16)
     assert tuple(hf.interpolate_position_embedding(model, 14).shape) == (1, 1 + 2 * 2, 16)
@@ -18,7 +13,7 @@ def test_interpolated_position_embedding_has_one_row_per_new_patch_plus_the_clas
     assert tuple(hf.interpolate_position_embedding(mean_pooled, 56).shape) == (1, 8 * 8, 16)
 
 
-def test_interpolation_keeps_the_class_token_row_and_is_the_identity_at_the_same_size():
+def test_interpolation_keeps_the_class_token_row_and_is_the_identity_at_the_same_size(tiny_vit):
     model = tiny_vit()
     old = model.position_embedding.detach()
     new = hf.interpolate_position_embedding(model, 56)
@@ -34,7 +29,7 @@ def test_interpolation_is_2d_and_keeps_a_smooth_grid_where_it_was():
     torch.testing.assert_close(new[:, 0], new[0, 0].expand(8))  # every row the same: nothing mixed across rows
 
 
-def test_bicubic_matches_f_interpolate_on_the_grid():
+def test_bicubic_matches_f_interpolate_on_the_grid(tiny_vit):
     model = tiny_vit()
     grid = model.position_embedding.detach()[:, 1:].reshape(1, 4, 4, 16).permute(0, 3, 1, 2)  # (1, D, 4, 4)
     expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
@@ -42,7 +37,7 @@ def test_bicubic_matches_f_interpolate_on_the_grid():
     torch.testing.assert_close(got, expected)
 
 
-def test_a_size_that_the_patch_size_does_not_divide_is_refused_naming_the_argument():
+def test_a_size_that_the_patch_size_does_not_divide_is_refused_naming_the_argument(tiny_vit):
     with pytest.raises(ValueError, match=r"new_image_size=30 is not divisible by patch_size=7"):
         hf.interpolate_position_embedding(tiny_vit(), 30)
     with pytest.raises(ValueError, match="patch_size"):
@@ -51,7 +46,7 @@ def test_a_size_that_the_patch_size_does_not_divide_is_refused_naming_the_argume
         hf.resize_vit(tiny_vit(), 0)
 
 
-def test_resize_vit_gives_a_model_for_the_new_size_with_the_same_weights():
+def test_resize_vit_gives_a_model_for_the_new_size_with_the_same_weights(tiny_vit):
     model = tiny_vit().eval()
     resized = hf.resize_vit(model, 42)
     assert resized.config["image_size"] == 42 and model.config["image_size"] == 28  # the original is unchanged

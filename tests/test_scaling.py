@@ -14,8 +14,6 @@ from torch import nn
 import helper_functions as hf
 import train
 from ddp_worker import TINY as WORKER_RECIPE
-from test_engine import _tiny_vit, _toy_loaders
-from test_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -46,9 +44,9 @@ def test_two_processes_keep_identical_weights_and_share_the_data_and_the_metrics
     assert accuracy == reports[0]["results"]["test_acc"][-1]
 
 
-def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path, capsys):
+def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path, capsys, tiny_run):
     train_py = str(REPO / "train.py")
-    straight = _run([*TORCHRUN, train_py, "--epochs", "3", "--out-dir", str(tmp_path / "a"), *TINY]).stdout
+    straight = _run([*TORCHRUN, train_py, "--epochs", "3", "--out-dir", str(tmp_path / "a"), *tiny_run]).stdout
     assert "2 processes (gloo)" in straight
     assert [line.split(":")[0] for line in straight.splitlines() if line.startswith("epoch")] == \
         ["epoch 1/3", "epoch 2/3", "epoch 3/3"], "only process 0 prints"
@@ -59,7 +57,7 @@ def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path
     assert f"weights identical in all 2 processes (sha256 {digest[:16]})" in straight, "the saved weights are theirs"
 
     # Stopped after epoch 1 and resumed, still with 2 processes: the same weights, bit for bit
-    _run([*TORCHRUN, train_py, "--epochs", "3", "--stop-after", "1", "--out-dir", str(tmp_path / "b"), *TINY])
+    _run([*TORCHRUN, train_py, "--epochs", "3", "--stop-after", "1", "--out-dir", str(tmp_path / "b"), *tiny_run])
     with pytest.raises(SystemExit):  # one process cannot continue two processes' schedule and random states
         train.main(["--resume", "--out-dir", str(tmp_path / "b")])
     assert "trained by 2 process(es) and this is 1" in capsys.readouterr().err
@@ -77,9 +75,9 @@ def test_train_transferlearning_py_runs_under_torchrun(tmp_path):
                                                     (".pth", ".json", ".pkl", "_loss_curves.png")}
 
 
-def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tiny_run):
     # 1. Kill train.py (SIGKILL: no chance to clean up) as soon as its first checkpoint is on disk
-    argv = [sys.executable, str(REPO / "train.py"), "--epochs", "8", *TINY, "--subset", "1024"]
+    argv = [sys.executable, str(REPO / "train.py"), "--epochs", "8", *tiny_run, "--subset", "1024"]
     path = tmp_path / "killed" / "vit_mnist.pth"
     process = subprocess.Popen([*argv, "--out-dir", str(path.parent)], cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
@@ -100,24 +98,24 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
     assert all(torch.equal(straight["state_dict"][k], v) for k, v in resumed["state_dict"].items())
 
 
-def test_amp_runs_the_matrix_multiplies_in_bfloat16_and_still_learns():
+def test_amp_runs_the_matrix_multiplies_in_bfloat16_and_still_learns(toy_vit, toy_loaders):
     with hf.autocast("cpu", amp=True):
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
     with hf.autocast("cpu", amp=False):
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
     hf.set_seeds(0)
-    model = _tiny_vit()
-    train_loader, test_loader = _toy_loaders()
+    model = toy_vit()
+    train_loader, test_loader = toy_loaders()
     results = hf.train(model, train_loader, test_loader, torch.optim.AdamW(model.parameters(), lr=1e-2),
                        nn.CrossEntropyLoss(), epochs=5, progress=False, amp=True)
     assert results["train_loss"][-1] < 0.5 * results["train_loss"][0]
     assert next(model.parameters()).dtype == torch.float32, "the weights stay float32"
 
 
-def test_compiled_model_trains_like_the_eager_one_and_saves_the_same_keys():
+def test_compiled_model_trains_like_the_eager_one_and_saves_the_same_keys(toy_vit):
     hf.set_seeds(0)
-    eager = _tiny_vit()
-    compiled_copy = _tiny_vit()
+    eager = toy_vit()
+    compiled_copy = toy_vit()
     compiled_copy.load_state_dict(eager.state_dict())
     compiled = hf.parallelize(compiled_copy, "cpu", compile=True)
     assert hf.unwrap(compiled) is compiled_copy

@@ -12,15 +12,12 @@ import helper_functions as hf
 import train
 
 REPO = Path(__file__).resolve().parents[1]
-# A tiny model on 256 images: a whole epoch is 4 batches.
-TINY = ["--subset", "256", "--batch-size", "64", "--depth", "1", "--embedding-dim", "16", "--heads", "2",
-        "--mlp-size", "32", "--augment", "--no-progress"]
 
 
-def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path, capsys):
+def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path, capsys, tiny_run):
     # 1. A fresh run from the command line, stopped after 1 of 2 planned epochs
     done = subprocess.run([sys.executable, str(REPO / "train.py"), "--epochs", "2", "--stop-after", "1",
-                           "--out-dir", str(tmp_path / "a"), *TINY], capture_output=True, text=True, timeout=300)
+                           "--out-dir", str(tmp_path / "a"), *tiny_run], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "epoch 1/2" in done.stdout
     files = {p.name for p in (tmp_path / "a").iterdir()}
@@ -44,7 +41,7 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
     assert second["train_state"]["optimizer"]["state"][0]["step"] == 2 * 4, "the optimizer continued, not restarted"
 
     # 4. ... and ends exactly where an uninterrupted 2-epoch run ends: every piece of state was restored
-    straight = train.main(["--epochs", "2", "--out-dir", str(tmp_path / "b"), *TINY])
+    straight = train.main(["--epochs", "2", "--out-dir", str(tmp_path / "b"), *tiny_run])
     assert straight == resumed
     uninterrupted = hf.load_checkpoint(tmp_path / "b" / "vit_mnist.pth")["state_dict"]
     assert all(torch.equal(uninterrupted[k], v) for k, v in second["state_dict"].items())
@@ -57,9 +54,9 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
         assert list(acc_ax.lines[2].get_ydata()) == [straight["test_acc"]], "the test set: one point, at the end"
 
 
-def test_the_readme_command_train_py_epochs_1_runs(tmp_path):
+def test_the_readme_command_train_py_epochs_1_runs(tmp_path, tiny_run):
     # The default warm-up (1 epoch) would fill a 1-epoch run; it shrinks to a tenth of the run instead.
-    results = train.main(["--epochs", "1", "--out-dir", str(tmp_path), *TINY])
+    results = train.main(["--epochs", "1", "--out-dir", str(tmp_path), *tiny_run])
     assert len(results["val_acc"]) == 1 and isinstance(results["test_acc"], float)
     assert hf.load_checkpoint(tmp_path / "vit_mnist.pth")["recipe"]["warmup_epochs"] == 0.1
 
@@ -112,9 +109,9 @@ def test_warmup_cosine_schedule_rises_linearly_then_decays_to_zero():
         hf.warmup_cosine_schedule(optimizer, total_steps=4, warmup_steps=4)
 
 
-def test_get_trained_mnist_vit_loads_a_saved_run_of_the_current_recipe_without_training(tmp_path):
-    model = hf.vit_from_config("vit_mnist", num_layers=1)
-    results = {"train_loss": [1.0], "train_acc": [0.5], "test_loss": [0.9], "test_acc": [0.6]}
+def test_get_trained_mnist_vit_loads_a_saved_run_of_the_current_recipe_without_training(tmp_path, tiny_vit, history):
+    model = tiny_vit()
+    results = history
     hf.save_run(model, results, tmp_path, name="vit_mnist", recipe=hf.MNIST_RECIPE)
     loaded, loaded_results = hf.get_trained_mnist_vit(tmp_path / "vit_mnist.pth")
     assert loaded_results == results and not loaded.training

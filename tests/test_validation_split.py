@@ -8,7 +8,6 @@ import torch
 import helper_functions as hf
 import train
 
-TINY_MODEL = dict(num_layers=1, embedding_dim=16, num_heads=2, mlp_size=32)
 TINY_RUN = ["--subset", "128", "--batch-size", "64", "--depth", "1", "--embedding-dim", "16", "--heads", "2",
             "--mlp-size", "32", "--no-augment", "--no-progress"]
 
@@ -48,18 +47,18 @@ def test_a_val_split_that_cannot_work_is_refused_naming_the_argument(bad):
         hf.validation_indices(100, bad)
 
 
-def test_training_setup_holds_out_the_validation_digits_and_val_split_0_keeps_all_of_them():
-    setup = hf.TrainingSetup(val_split=5000, **TINY_MODEL)
+def test_training_setup_holds_out_the_validation_digits_and_val_split_0_keeps_all_of_them(tiny_sizes):
+    setup = hf.TrainingSetup(val_split=5000, **tiny_sizes)
     assert (len(setup.train_data), len(setup.val_data), len(setup.test_data)) == (55_000, 5_000, 10_000)
     full, _ = hf.get_tensor_datasets("mnist")
     assert torch.equal(setup.val_data.tensors[0], full.tensors[0][setup.val_indices])
-    old = hf.TrainingSetup(val_split=0, **TINY_MODEL)
+    old = hf.TrainingSetup(val_split=0, **tiny_sizes)
     assert old.val_data is None and old.val_loader is None
     assert torch.equal(old.train_data.tensors[0], full.tensors[0]), "no split: all 60,000, in their order"
 
 
-def test_val_split_0_measures_every_epoch_on_the_test_set_as_before():
-    results = hf.TrainingSetup(val_split=0, subset=64, epochs=1, warmup_epochs=0, **TINY_MODEL).train(progress=False)
+def test_val_split_0_measures_every_epoch_on_the_test_set_as_before(tiny_sizes):
+    results = hf.TrainingSetup(val_split=0, subset=64, epochs=1, warmup_epochs=0, **tiny_sizes).train(progress=False)
     assert set(results) == {"train_loss", "train_acc", "test_loss", "test_acc"} and len(results["test_acc"]) == 1
 
 
@@ -87,15 +86,15 @@ def test_train_py_reads_the_test_set_once_at_the_end_and_validates_every_epoch(t
     assert saved["test_acc"] == results["test_acc"] and saved["val_acc"] == results["val_acc"]
 
 
-def test_a_resumed_run_holds_out_the_digits_its_checkpoint_saved():
+def test_a_resumed_run_holds_out_the_digits_its_checkpoint_saved(tiny_sizes):
     # Whatever computes splits today, the indices a checkpoint saved are the ones held out
     saved = torch.arange(0, 200, 2)  # not the split validation_indices would draw
-    setup = hf.TrainingSetup(val_split=100, val_indices=saved, **TINY_MODEL)
+    setup = hf.TrainingSetup(val_split=100, val_indices=saved, **tiny_sizes)
     assert torch.equal(setup.val_indices, saved) and len(setup.train_data) == 59_900
     full, _ = hf.get_tensor_datasets("mnist")
     assert torch.equal(setup.val_data.tensors[0], full.tensors[0][saved])
     with pytest.raises(ValueError, match="val_indices"):
-        hf.TrainingSetup(val_split=5000, val_indices=saved, **TINY_MODEL)
+        hf.TrainingSetup(val_split=5000, val_indices=saved, **tiny_sizes)
 
 
 def test_train_py_resume_continues_with_the_saved_split(tmp_path, monkeypatch):
@@ -133,11 +132,10 @@ def test_old_results_with_a_test_set_per_epoch_still_load_and_plot(tmp_path):
     assert [list(line.get_ydata()) for line in acc_ax.lines] == [old["train_acc"], old["test_acc"]]
 
 
-def test_fine_tune_with_a_validation_set_reads_the_test_set_once():
+def test_fine_tune_with_a_validation_set_reads_the_test_set_once(tiny_vit):
     data = hf.get_tensor_datasets("mnist", limit=60)[0]
     train_part, val_part = hf.validation_split(data, 20)
-    hf.set_seeds(0)
-    model = hf.vit_from_config("vit_mnist", **TINY_MODEL)
+    model = tiny_vit()
     results = hf.fine_tune(model, train_part, data, epochs=2, batch_size=20, warmup_epochs=0, device="cpu",
                            progress=False, val_data=val_part)
     assert len(results["val_acc"]) == 2 and isinstance(results["test_acc"], float)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import helper_functions as hf
@@ -50,12 +51,8 @@ def test_pixel_shuffling_moves_every_image_the_same_way_and_can_be_undone():
 
 
 def test_a_permutation_of_the_wrong_length_is_refused_naming_it():
-    try:
+    with pytest.raises(ValueError, match="permutation has 100 entries"):
         hf.shuffle_pixels(torch.randn(2, 1, 28, 28), torch.arange(100))
-    except ValueError as error:
-        assert "permutation has 100 entries" in str(error)
-    else:
-        raise AssertionError("no error")
 
 
 def test_train_classifier_trains_any_model_with_the_shared_engine():
