@@ -114,26 +114,32 @@ def init_distributed(device: torch.device | str | None = None) -> torch.device:
     return device
 
 
-def process_rank() -> tuple[int, int]:
-    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's number among torchrun's processes, from 0; 0 outside torchrun."""
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def world_size() -> int:
+    """How many processes train together; 1 outside torchrun."""
+    return torch.distributed.get_world_size() if _distributed() else 1
 
 
 def is_main_process() -> bool:
     """True in the one process that writes files and shows progress (rank 0, or the only process)."""
-    return process_rank()[0] == 0
+    return rank() == 0
 
 
 @contextlib.contextmanager
 def main_process_first():
     """Run the block in process 0 first and in the others after it (e.g. a download: the others find its files)."""
-    rank, world = process_rank()
-    if world > 1 and rank != 0:
+    if world_size() > 1 and rank() != 0:
         torch.distributed.barrier()
     yield
-    if world > 1 and rank == 0:
+    if world_size() > 1 and rank() == 0:
         torch.distributed.barrier()
 
 
@@ -475,9 +481,8 @@ def make_dataloaders(train_data: Dataset, test_data: Dataset, batch_size: int = 
     summed across processes count each test example once. ``batch_size`` is then per process.
     """
     pin = torch.cuda.is_available()
-    rank, world = process_rank()
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True,
+    if world_size() > 1:
+        sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world_size(), rank=rank(), shuffle=True,
                                                       seed=seed)
         train_loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                   pin_memory=pin, persistent_workers=num_workers > 0)
@@ -491,9 +496,8 @@ def make_dataloaders(train_data: Dataset, test_data: Dataset, batch_size: int = 
 def evaluation_loader(data: Dataset, batch_size: int = 128, num_workers: int = 0) -> DataLoader:
     """An ordered loader for evaluating on ``data`` (a validation or a test set); under torchrun each process gets every
     N-th example, so that metrics summed across processes count each example once."""
-    rank, world = process_rank()
-    if world > 1:
-        data = torch.utils.data.Subset(data, range(rank, len(data), world))
+    if world_size() > 1:
+        data = torch.utils.data.Subset(data, range(rank(), len(data), world_size()))
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
@@ -1440,7 +1444,7 @@ def autocast(device: torch.device | str, amp: bool = False) -> contextlib.Abstra
 
 def sum_across_processes(device: torch.device | str, *values: float) -> list[float]:
     """Each value summed over all torchrun processes (the values themselves outside torchrun)."""
-    if process_rank()[1] == 1:
+    if world_size() == 1:
         return list(values)
     totals = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(totals)  # every process gets the sums
@@ -1512,7 +1516,7 @@ def parallelize(model: nn.Module, device: torch.device | str, compile: bool = Fa
     copies take the same steps), then compiled with ``torch.compile`` if asked. The weights stay ``model``'s own."""
     device = torch.device(device)
     model = model.to(device)
-    if process_rank()[1] > 1:
+    if world_size() > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return torch.compile(model) if compile else model
 
@@ -1526,7 +1530,7 @@ def check_processes_agree(model: nn.Module) -> str:
     """Under torchrun, check that every process holds exactly the same weights (what DistributedDataParallel
     promises); returns the weights' digest, or raises naming the processes that differ. A collective call."""
     digest = weights_digest(model)
-    rank, world = process_rank()
+    world = world_size()
     if world > 1:
         digests: list[Any] = [None] * world
         torch.distributed.all_gather_object(digests, digest)
@@ -2050,9 +2054,8 @@ class TrainingSetup:
 def _seed_per_process(seed: int) -> None:
     """Under torchrun, give each process its own random draws (augmentation, dropout) after the model is built; the
     weights are the same everywhere anyway, because DistributedDataParallel copies process 0's."""
-    rank, world = process_rank()
-    if world > 1:
-        torch.manual_seed(seed + rank)
+    if world_size() > 1:
+        torch.manual_seed(seed + rank())
 
 
 def _rng_states() -> dict[str, Any]:
@@ -2060,7 +2063,7 @@ def _rng_states() -> dict[str, Any]:
     process's, gathered (a collective call: every process must make it)."""
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     states: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
-    rank, world = process_rank()
+    world = world_size()
     if world > 1:
         per_process: list[Any] = [None] * world
         torch.distributed.all_gather_object(per_process, (states["torch_rng"], cuda))
@@ -2070,12 +2073,12 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(state: dict[str, Any]) -> None:
     """Restore ``_rng_states()``, each process its own; the number of processes must be the one saved."""
-    rank, world = process_rank()
+    world = world_size()
     per_process = state.get("rng_per_process") or [(state["torch_rng"], state.get("cuda_rng"))]
     if len(per_process) != world:
         raise ValueError(f"the run was saved by {len(per_process)} process(es) and is resumed by {world}; its schedule "
                          f"and random states are per process, so resume it with {len(per_process)}")
-    cpu, cuda = per_process[rank]
+    cpu, cuda = per_process[rank()]
     torch.set_rng_state(cpu)
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
@@ -2740,7 +2743,7 @@ def training_device(name: str | torch.device = "auto"):
 
 def launched_processes() -> int:
     """The number of processes torchrun launched (1 without torchrun), readable before the process group is joined."""
-    return int(os.environ.get("WORLD_SIZE", 1)) if not torch.distributed.is_initialized() else process_rank()[1]
+    return int(os.environ.get("WORLD_SIZE", 1)) if not torch.distributed.is_initialized() else world_size()
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, processes: int = 1) -> int:

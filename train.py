@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 setup.load_training_state(checkpoint["train_state"])
                 history = checkpoint["history"]
                 hf.print0(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
-            processes = hf.process_rank()[1]
+            processes = hf.world_size()
             validation = f"{len(setup.val_data)} validation, " if setup.val_data is not None else ""
             hf.print0(f"{recipe['dataset']}: {len(setup.train_data)} training, {validation}{len(setup.test_data)} test "
                       f"images | "
