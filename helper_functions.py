@@ -587,20 +587,20 @@ class MultiHeadSelfAttention(nn.Module):
         self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)  # U_qkv of all heads: [W_q; W_k; W_v]
         self.out_proj = nn.Linear(embedding_dim, embedding_dim)  # U_msa
 
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = self.qkv(x)  # (batch, seq, 3 * embedding_dim)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         return q, k, v  # each (batch, heads, seq, head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(x)
+        q, k, v = self.queries_keys_values(x)
         dropout = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (batch, heads, seq, head_dim)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (batch, seq, embedding_dim)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The softmax(q k^T / sqrt(D_h)) matrices that ``forward`` uses: (batch, heads, seq, seq)."""
-        q, k, _ = self._heads(x)
+        q, k, _ = self.queries_keys_values(x)
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
