@@ -439,8 +439,9 @@ def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Pat
     )
 
 
-def mnist_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
-    """PIL image -> (1, 28, 28) float tensor, normalised with the training set's mean and std."""
+def normalise_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
+    """Greyscale PIL image -> (1, height, width) float tensor, normalised with a training set's mean and std (MNIST's
+    by default; Fashion-MNIST passes its own)."""
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
 
 
@@ -450,13 +451,13 @@ def get_mnist(root: str | Path = DATA_DIR, transform: Callable | None = None,
 
     ``transform`` defaults to ToTensor + Normalize(MNIST_MEAN, MNIST_STD); ``test_transform`` defaults to ``transform``.
     """
-    return _get_dataset("MNIST", root, transform or mnist_transform(MNIST_MEAN, MNIST_STD), test_transform)
+    return _get_dataset("MNIST", root, transform or normalise_transform(MNIST_MEAN, MNIST_STD), test_transform)
 
 
 def get_fashion_mnist(root: str | Path = DATA_DIR, transform: Callable | None = None,
                       test_transform: Callable | None = None) -> tuple[Dataset, Dataset]:
     """Fashion-MNIST's 60,000 training and 10,000 test images as ``torchvision.datasets.FashionMNIST``."""
-    transform = transform or mnist_transform(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    transform = transform or normalise_transform(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     return _get_dataset("FashionMNIST", root, transform, test_transform)
 
 
