@@ -515,7 +515,8 @@ class PatchEmbedding(nn.Module):
     lays the patch grid out as a sequence, row by row.
     """
 
-    def __init__(self, in_channels: int = 3, patch_size: int = 16, embedding_dim: int = 768) -> None:  # P, D: Table 1
+    def __init__(self, *, in_channels: int = 3, patch_size: int = 16,
+                 embedding_dim: int = 768) -> None:  # P, D: Table 1
         super().__init__()
         for name, size in dict(in_channels=in_channels, patch_size=patch_size, embedding_dim=embedding_dim).items():
             if not isinstance(size, int) or size < 1:
@@ -575,7 +576,7 @@ class MultiHeadSelfAttention(nn.Module):
     ``nn.MultiheadAttention.in_proj_weight``); ``F.scaled_dot_product_attention`` does softmax(q k^T / sqrt(D_h)) v.
     """
 
-    def __init__(self, embedding_dim: int = 768, num_heads: int = 12, attn_dropout: float = 0.0) -> None:  # Table 1
+    def __init__(self, *, embedding_dim: int = 768, num_heads: int = 12, attn_dropout: float = 0.0) -> None:  # Table 1
         super().__init__()
         for name, size in dict(embedding_dim=embedding_dim, num_heads=num_heads).items():
             if not isinstance(size, int) or size < 1:
@@ -632,7 +633,7 @@ class MLPBlock(nn.Sequential):
     A Sequential, so its parameters are named 0.* and 3.* exactly as in torchvision's ViT.
     """
 
-    def __init__(self, embedding_dim: int = 768, mlp_size: int = 3072, dropout: float = 0.1) -> None:  # Tables 1, 3
+    def __init__(self, *, embedding_dim: int = 768, mlp_size: int = 3072, dropout: float = 0.1) -> None:  # Tables 1, 3
         for name, size in dict(embedding_dim=embedding_dim, mlp_size=mlp_size).items():
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be a positive integer, got {size!r}")
@@ -653,16 +654,17 @@ class MLPBlock(nn.Sequential):
 class TransformerEncoderBlock(nn.Module):
     """One pre-norm encoder layer: z' = MSA(LN(z)) + z (Eq. 2), then z = MLP(LN(z')) + z' (Eq. 3)."""
 
-    def __init__(self, embedding_dim: int = 768, num_heads: int = 12, mlp_size: int = 3072,  # Table 1 (ViT-Base)
+    def __init__(self, *, embedding_dim: int = 768, num_heads: int = 12, mlp_size: int = 3072,  # Table 1 (ViT-Base)
                  dropout: float = 0.1, attn_dropout: float = 0.0, layer_norm_eps: float = 1e-6) -> None:
         super().__init__()
         if not isinstance(embedding_dim, int) or embedding_dim < 1:  # the parts check their other sizes
             raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
         self.ln_1 = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)
-        self.self_attention = MultiHeadSelfAttention(embedding_dim, num_heads, attn_dropout)  # notebook 02
+        self.self_attention = MultiHeadSelfAttention(embedding_dim=embedding_dim, num_heads=num_heads,  # notebook 02
+                                                     attn_dropout=attn_dropout)
         self.dropout = nn.Dropout(dropout)  # after U_msa, the dense layer that ends MSA (Appendix B.1)
         self.ln_2 = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)
-        self.mlp = MLPBlock(embedding_dim, mlp_size, dropout)  # notebook 03
+        self.mlp = MLPBlock(embedding_dim=embedding_dim, mlp_size=mlp_size, dropout=dropout)  # notebook 03
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, seq, embedding_dim) in and out
         x = x + self.dropout(self.self_attention(self.ln_1(x)))  # Eq. 2
@@ -721,12 +723,14 @@ class ViT(nn.Module):
         num_patches = (image_size // patch_size) ** 2  # N = HW / P^2
         num_tokens = num_patches + (pool == "cls")
 
-        self.patch_embedding = PatchEmbedding(in_channels, patch_size, embedding_dim)  # notebook 01
+        self.patch_embedding = PatchEmbedding(in_channels=in_channels, patch_size=patch_size,  # notebook 01
+                                              embedding_dim=embedding_dim)
         self.class_token = nn.Parameter(torch.zeros(1, 1, embedding_dim)) if pool == "cls" else None  # x_class
         self.position_embedding = nn.Parameter(torch.empty(1, num_tokens, embedding_dim).normal_(std=0.02))  # E_pos
         self.embedding_dropout = nn.Dropout(embedding_dropout)
         self.encoder = nn.Sequential(*[  # notebook 04
-            TransformerEncoderBlock(embedding_dim, num_heads, mlp_size, dropout, attn_dropout, layer_norm_eps)
+            TransformerEncoderBlock(embedding_dim=embedding_dim, num_heads=num_heads, mlp_size=mlp_size,
+                                    dropout=dropout, attn_dropout=attn_dropout, layer_norm_eps=layer_norm_eps)
             for _ in range(num_layers)
         ])
         self.norm = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)  # the LN of Eq. 4
