@@ -779,6 +779,11 @@ def vit_from_config(name: str, **overrides: Any) -> ViT:
     return ViT(**{**VIT_CONFIGS[name], **overrides})
 
 
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """The number of values in the model's parameters (with ``trainable_only``, of those that require a gradient)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def torchvision_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the keys of a ``torchvision.models.VisionTransformer`` state dict to ours.
 
@@ -2534,11 +2539,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(images))
-
-
-def parameter_count(model: nn.Module) -> int:
-    """The number of trainable values in ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def pixel_permutation(num_pixels: int = 28 * 28, seed: int = 0) -> torch.Tensor:

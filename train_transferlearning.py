@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                                                         args.progress and hf.is_main_process())
                 mean, std = hf.MNIST_MEAN, hf.MNIST_STD
                 train_data, val_data, test_data = mnist_data(args.num_labels, args.seed, args.val_split, args.subset)
-            trainable = sum(p.numel() for p in hf.trainable_parameters(model))
+            trainable = hf.count_parameters(model, trainable_only=True)
             hf.print0(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
-                      f"{sum(p.numel() for p in model.parameters()):,} parameters learn | {len(train_data)} labelled "
+                      f"{hf.count_parameters(model):,} parameters learn | {len(train_data)} labelled "
                       f"training digits, " + (f"{len(val_data)} validation digits, " if val_data is not None else "")
                       + f"{len(test_data)} test digits | device {device}")
 

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     loader = torch.utils.data.DataLoader(test_data, batch_size=500)
                     _, test_acc = hf.test_step(model, loader, loss_fn)
                     run.update(test_acc=round(test_acc, 4), seconds=round(time.perf_counter() - start, 1),
-                               parameters=hf.parameter_count(model))
+                               parameters=hf.count_parameters(model))
                     report["runs"].append(run)
                     hf._atomic_write_bytes(json.dumps(report, indent=1).encode(), path)  # kept after every run
                     print(f"{model_name:<3} {variant:<15} {size:>6} digits {epochs:>3} epochs seed {seed}: "

@@ -417,13 +417,13 @@ def test_vit_from_config_applies_overrides():
 @pytest.mark.parametrize("name", ["vit_b_16", "vit_l_16", "vit_h_14"])
 def test_parameter_counts_match_table_1(name):
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        count = sum(p.numel() for p in hf.vit_from_config(name).parameters())
+        count = hf.count_parameters(hf.vit_from_config(name))
     assert abs(count - hf.PAPER_PARAMS[name]) / hf.PAPER_PARAMS[name] < 0.02
 
 
 def test_vit_b_16_parameter_count_equals_torchvisions():
     with torch.device("meta"):
-        ours = sum(p.numel() for p in hf.vit_from_config("vit_b_16").parameters())
+        ours = hf.count_parameters(hf.vit_from_config("vit_b_16"))
     assert ours == torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1.meta["num_params"] == 86_567_656
 
 

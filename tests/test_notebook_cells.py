@@ -32,7 +32,7 @@ TAUGHT = {
     "02_multi_head_self_attention": ["MultiHeadSelfAttention", "batch_dependence"],
     "03_mlp_block": ["MLPBlock"],
     "04_transformer_encoder": ["TransformerEncoderBlock", "shared_parameters"],
-    "05_vision_transformer": ["ViT"],
+    "05_vision_transformer": ["ViT", "count_parameters"],
 }
 
 
