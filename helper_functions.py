@@ -2346,6 +2346,16 @@ PRETRAIN_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="fashion-mnis
                                        weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=False, seed=42)
 
 
+# Transfer: notebook 09's runs on a few labelled digits, which train_transferlearning.py takes as its defaults. AdamW
+# with one warm-up epoch then cosine decay (fine_tune); the labelled digits are drawn from the training part left by
+# MNIST_RECIPE's validation split. Peak learning rates per mode from a sweep scored on the validation set (notebook 09,
+# step 5): "scratch" is a fresh vit_mnist with its random head (the script's --scratch), "scratch_zero_head" notebook
+# 09's from-scratch run, which gets a zero-initialised head like the other two.
+TRANSFER_RECIPE: dict[str, Any] = dict(num_labels=500, epochs=30, batch_size=25, weight_decay=0.05, warmup_epochs=1,
+                                       seed=42, val_split=MNIST_RECIPE["val_split"],
+                                       lr=dict(finetune=3e-3, probe=1e-1, scratch=3e-3, scratch_zero_head=1e-3))
+
+
 def get_pretrained_vit(path: str | Path | None = None, recipe: dict[str, Any] | None = None, retrain: bool = False,
                        progress: bool = True, device: torch.device | str | None = None
                        ) -> tuple[ViT, dict[str, list[float]]]:
