@@ -1357,6 +1357,13 @@ def max_abs_difference(ours: nn.Module, reference: nn.Module, *inputs: torch.Ten
     return (ours(*inputs) - reference(*inputs)).abs().max().item()
 
 
+
+@torch.no_grad()
+def encoder_batch_dependence(model: ViT, images: torch.Tensor, seed: int = 0) -> float:
+    """``batch_dependence`` of the encoder on the tokens of ``images``: how much image 0's encoding moves when the other
+    images change. Checked on the encoder, which holds every token, since some bugs make the final output constant."""
+    return batch_dependence(model.encoder, model.embed(images), seed)  # tokens: (batch, num_tokens, embedding_dim)
+
 def _relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return ((after - before).abs().max() / before.abs().max()).item()
 

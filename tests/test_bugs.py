@@ -105,17 +105,11 @@ def test_torch_attention_with_batch_first_equals_ours():
     assert hf.max_abs_difference(hf.TorchSelfAttention.from_ours(ours, batch_first=False), ours, tokens) > 1e-2
 
 
-def encoder_batch_dependence(model, images):
-    with torch.no_grad():
-        tokens = model.embed(images)  # (batch, num_tokens, embedding_dim)
-    return hf.batch_dependence(model.encoder, tokens)
-
-
 def test_batch_first_false_attention_is_caught():
     images, _ = tiny_batch()
-    assert encoder_batch_dependence(tiny_vit("attention_batch_first_false"), images) > 1e-2
-    assert encoder_batch_dependence(hf.use_torch_attention(tiny_vit(), batch_first=True), images) < 1e-5
-    assert encoder_batch_dependence(tiny_vit(), images) < 1e-5
+    assert hf.encoder_batch_dependence(tiny_vit("attention_batch_first_false"), images) > 1e-2
+    assert hf.encoder_batch_dependence(hf.use_torch_attention(tiny_vit(), batch_first=True), images) < 1e-5
+    assert hf.encoder_batch_dependence(tiny_vit(), images) < 1e-5
 
 
 def test_batch_first_false_attention_is_caught_at_the_output_with_mean_pooling():
