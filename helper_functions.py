@@ -1025,6 +1025,13 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
     def tag(x, y, text):
         ax.text(x, y, text, ha="left", va="center", fontsize=9.5, color="#990000", style="italic")
 
+    def residual(y_from, y_plus, y_tag, equation):  # the encoder block's (+) and the skip connection into it
+        ax.add_patch(plt.Circle((bcx, y_plus), 0.3, fc="white", ec="#444444", lw=1.1))
+        ax.text(bcx, y_plus, "+", ha="center", va="center", fontsize=13)
+        ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [y_from, y_from, y_plus], color="#444444", lw=1.1)
+        arrow(bx + bw + 0.8, y_plus, bcx + 0.3, y_plus)
+        tag(bx + bw + 1.05, y_tag, equation)
+
     # Left: the whole model, bottom to top (as in the paper's Figure 1) -----------------------------------------------
     x0, w = 0.6, 7.8  # the column of boxes
     cx = x0 + w / 2
@@ -1091,11 +1098,7 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
     arrow(bcx, 3.2, bcx, 3.9)
     box(bx, 3.9, bw, 1.2, f"multi-head self-attention\nk = {k} heads of D/k = {D // k}", colours["msa"])
     arrow(bcx, 5.1, bcx, 5.75)
-    ax.add_patch(plt.Circle((bcx, 6.05), 0.3, fc="white", ec="#444444", lw=1.1))
-    ax.text(bcx, 6.05, "+", ha="center", va="center", fontsize=13)
-    ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [1.4, 1.4, 6.05], color="#444444", lw=1.1)  # residual
-    arrow(bx + bw + 0.8, 6.05, bcx + 0.3, 6.05)
-    tag(bx + bw + 1.05, 4.0, "Eq. 2")
+    residual(1.4, 6.05, 4.0, "Eq. 2")
     arrow(bcx, 6.35, bcx, 7.6, shape["tokens"] + r"  $\mathbf{z}'_\ell$", at=0.72)
     box(bx, 7.6, bw, 0.9, "LayerNorm", colours["norm"])
     arrow(bcx, 8.5, bcx, 9.2)
@@ -1103,11 +1106,7 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
     ax.text(bcx, 9.5, shape["mlp_hidden"] + " inside", ha="center", va="center", fontsize=8.5,
             family="monospace", color="#1a4f8a")
     arrow(bcx, 11.1, bcx, 11.95)
-    ax.add_patch(plt.Circle((bcx, 12.25), 0.3, fc="white", ec="#444444", lw=1.1))
-    ax.text(bcx, 12.25, "+", ha="center", va="center", fontsize=13)
-    ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [6.6, 6.6, 12.25], color="#444444", lw=1.1)  # residual
-    arrow(bx + bw + 0.8, 12.25, bcx + 0.3, 12.25)
-    tag(bx + bw + 1.05, 9.6, "Eq. 3")
+    residual(6.6, 12.25, 9.6, "Eq. 3")
     arrow(bcx, 12.55, bcx, 13.8, shape["tokens"] + r"  $\mathbf{z}_\ell$")
     ax.text(bcx, 14.15, r"$\mathbf{z}_\ell$, to the next block", ha="center", va="center", fontsize=10.5)
 
