@@ -839,16 +839,19 @@ class WeightsNotAvailableError(RuntimeError):
     """Pretrained weights could be neither found nor downloaded; the message says how to get the file."""
 
 
+def torchvision_weights(weights: str | torchvision.models.WeightsEnum) -> torchvision.models.WeightsEnum:
+    """torchvision's entry for a set of weights (URL, metadata, preprocessing), from its name if given one."""
+    return torchvision.models.get_weight(weights) if isinstance(weights, str) else weights
+
+
 def hub_checkpoint_path(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS) -> Path:
     """Where torchvision caches the file of ``weights``: ``torch.hub.get_dir()/checkpoints/<its file name>``."""
-    if isinstance(weights, str):
-        weights = torchvision.models.get_weight(weights)  # e.g. "ViT_B_16_Weights.IMAGENET1K_V1"
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision_weights(weights).url).name
 
 
 def imagenet_weights_help(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS) -> str:
     """How to get a torchvision checkpoint onto a machine that cannot download it."""
-    url = (torchvision.models.get_weight(weights) if isinstance(weights, str) else weights).url
+    url = torchvision_weights(weights).url
     return (f"The ImageNet weights {weights} are not available here (no download, no cached file).\n"
             f"To use them, on a machine with internet access download\n    {url}\n"
             f"(e.g. python -c \"import torch; torch.hub.download_url_to_file('{url}', '{Path(url).name}')\")\n"
@@ -864,8 +867,7 @@ def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = I
     Pass it to ``load_torchvision_vit_weights``. Raises ``WeightsNotAvailableError``, naming the URL and where to put
     the file, when it is missing and cannot (or may not) be downloaded.
     """
-    if isinstance(weights, str):
-        weights = torchvision.models.get_weight(weights)
+    weights = torchvision_weights(weights)
     path = hub_checkpoint_path(weights)
     if path.exists():
         return path
@@ -2519,14 +2521,14 @@ def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, 
 
 def imagenet_normalisation(weights: str = IMAGENET_WEIGHTS) -> tuple[list[float], list[float]]:
     """The per-channel (R, G, B) mean and std the weights were trained with, from their own ``transforms()``."""
-    preset = torchvision.models.get_weight(weights).transforms()
+    preset = torchvision_weights(weights).transforms()
     return list(preset.mean), list(preset.std)
 
 
 def imagenet_transform(weights: str = IMAGENET_WEIGHTS) -> transforms.Compose:
     """A 28x28 greyscale digit (PIL) -> the (3, 224, 224) input ImageNet weights expect: resized with the weights'
     interpolation, grey copied to R, G and B, normalised with the weights' own mean and std."""
-    preset = torchvision.models.get_weight(weights).transforms()  # resize 256, crop 224, ImageNet mean / std
+    preset = torchvision_weights(weights).transforms()  # resize 256, crop 224, ImageNet mean / std
     return transforms.Compose([
         transforms.Resize(preset.crop_size[0], interpolation=preset.interpolation, antialias=True),  # (224, 224)
         transforms.Grayscale(num_output_channels=3),  # (3, 224, 224): the same grey in each channel
