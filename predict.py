@@ -10,19 +10,18 @@ the background is light, cropped to the ink, the longer side scaled to 20 pixels
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import helper_functions as hf
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Classify a digit in an image file with a trained ViT.")
+def build_parser() -> hf.ArgumentParser:
+    parser = hf.ArgumentParser(description="Classify a digit in an image file with a trained ViT.")
     parser.add_argument("image", type=Path, help="a PNG or JPEG file with one digit on a plain background")
     parser.add_argument("--model", type=Path, default=hf.RUNS_DIR / "vit_mnist.pth",
                         help="a checkpoint written by train.py (default: runs/vit_mnist.pth)")
-    parser.add_argument("--top", type=int, default=3, help="how many classes to print (default: 3)")
+    parser.add_argument("--top", type=hf.positive_int, default=3, help="how many classes to print (default: 3)")
     return parser
 
 
@@ -30,8 +29,6 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float]]:
     """Print and return the ``--top`` (class, probability) pairs."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.top < 1:
-        parser.error(f"--top must be at least 1, got {args.top}")
     if not args.model.exists():
         sys.exit(f"predict.py: no trained model at {args.model}; train one first with `python train.py` "
                  f"(about 5 minutes on 2 CPU cores), or pass --model PATH")
@@ -42,7 +39,7 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float]]:
             probabilities = hf.predict_image(args.model, args.image)
         except (ValueError, TypeError) as error:  # not an image, a blank image, weights that do not fit
             sys.exit(f"predict.py: {str(error).splitlines()[0].rstrip(': ')}")
-    names = {"fashion-mnist": hf.torchvision.datasets.FashionMNIST.classes}.get(checkpoint.get("dataset"))
+    names = {"fashion-mnist": hf.TORCHVISION_DATASETS["FashionMNIST"].classes}.get(checkpoint.get("dataset"))
     top = probabilities.topk(min(args.top, len(probabilities)))
     pairs = [(int(c), float(p)) for p, c in zip(top.values, top.indices)]
     print(f"{args.image} ({args.model.name}):")

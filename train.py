@@ -204,11 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 setup.load_training_state(checkpoint["train_state"])
                 history = checkpoint["history"]
                 hf.print0(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
-            processes = hf.process_rank()[1]
+            processes = hf.world_size()
             validation = f"{len(setup.val_data)} validation, " if setup.val_data is not None else ""
             hf.print0(f"{recipe['dataset']}: {len(setup.train_data)} training, {validation}{len(setup.test_data)} test "
                       f"images | "
-                      f"{sum(p.numel() for p in setup.model.parameters()):,} parameters | device {device}"
+                      f"{hf.count_parameters(setup.model):,} parameters | device {device}"
                       + (f" | {processes} processes ({torch.distributed.get_backend()})" if processes > 1 else "")
                       + (" | bfloat16 autocast" if args.amp else "") + (" | torch.compile" if args.compile else ""))
             hf.print0("recipe:", " ".join(f"{k}={v}" for k, v in recipe.items()))

@@ -37,9 +37,7 @@ except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import
     print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr)
     raise SystemExit(130) from None
 
-DEFAULTS = dict(epochs=30, num_labels=500, batch_size=25, weight_decay=0.05, warmup_epochs=1, seed=42,
-                val_split=hf.MNIST_RECIPE["val_split"])  # notebook 09
-LEARNING_RATES = {"finetune": 3e-3, "probe": 1e-1, "scratch": 3e-3}  # notebook 09, step 5: chosen on the validation set
+MODES = ("finetune", "probe", "scratch")  # the learning rate of each: hf.TRANSFER_RECIPE["lr"]
 
 
 def build_parser() -> hf.ArgumentParser:
@@ -56,15 +54,15 @@ def build_parser() -> hf.ArgumentParser:
     source.add_argument("--weights", type=Path, metavar="PATH",
                         help="like --imagenet, from a torchvision ViT-B/16 state dict file you downloaded")
     source.add_argument("--scratch", action="store_true", help="no pretraining: a fresh ViT (the baseline)")
-    d = DEFAULTS
+    d = hf.TRANSFER_RECIPE  # notebook 09's settings
     run = parser.add_argument_group("recipe")
     run.add_argument("--freeze", action="store_true",
                      help="linear probe: freeze the backbone, train only the new head [full fine-tuning]")
     run.add_argument("--epochs", type=hf.positive_int, default=d["epochs"], help=f"[{d['epochs']}]")
     run.add_argument("--num-labels", dest="num_labels", type=hf.positive_int, default=d["num_labels"],
                      help=f"labelled training digits, the same number per class (a multiple of 10) [{d['num_labels']}]")
-    run.add_argument("--lr", type=hf.finite_float, help="peak learning rate of AdamW "
-                                              f"[{', '.join(f'{k} {v}' for k, v in LEARNING_RATES.items())}]")
+    rates = ", ".join(f"{mode} {d['lr'][mode]}" for mode in MODES)
+    run.add_argument("--lr", type=hf.finite_float, help=f"peak learning rate of AdamW [{rates}]")
     run.add_argument("--batch-size", dest="batch_size", type=hf.positive_int, default=d["batch_size"],
                      help=f"[{d['batch_size']}]")
     run.add_argument("--weight-decay", dest="weight_decay", type=hf.finite_float, default=d["weight_decay"],
@@ -117,7 +115,8 @@ MNIST_TRAINING_IMAGES = 60_000
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse (hf.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
     if args.warmup_epochs is None:  # a run shorter than the default warm-up warms up for a tenth of it
-        args.warmup_epochs = DEFAULTS["warmup_epochs"] if DEFAULTS["warmup_epochs"] < args.epochs else args.epochs / 10
+        warmup = hf.TRANSFER_RECIPE["warmup_epochs"]
+        args.warmup_epochs = warmup if warmup < args.epochs else args.epochs / 10
     if args.num_labels % 10 or args.num_labels > 10 * MNIST_TRAINING_IMAGES_PER_DIGIT:
         raise hf.UsageError(f"--num-labels {args.num_labels} must be a multiple of 10 (every digit gets the same "
                             f"number) and at most {10 * MNIST_TRAINING_IMAGES_PER_DIGIT} (MNIST has "
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     args = parser.parse_args(argv)
     imagenet = args.imagenet or args.weights is not None
     mode = "scratch" if args.scratch else "probe" if args.freeze else "finetune"
-    lr = args.lr if args.lr is not None else LEARNING_RATES[mode]
+    lr = args.lr if args.lr is not None else hf.TRANSFER_RECIPE["lr"][mode]
     name = args.name if args.name is not None else \
         f"vit_{'b_16_imagenet_' if imagenet else ''}mnist_{args.num_labels}_labels_{mode}"
     path = args.out_dir / f"{name}.pth"
@@ -225,9 +224,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                                                         args.progress and hf.is_main_process())
                 mean, std = hf.MNIST_MEAN, hf.MNIST_STD
                 train_data, val_data, test_data = mnist_data(args.num_labels, args.seed, args.val_split, args.subset)
-            trainable = sum(p.numel() for p in hf.trainable_parameters(model))
+            trainable = hf.count_parameters(model, trainable_only=True)
             hf.print0(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
-                      f"{sum(p.numel() for p in model.parameters()):,} parameters learn | {len(train_data)} labelled "
+                      f"{hf.count_parameters(model):,} parameters learn | {len(train_data)} labelled "
                       f"training digits, " + (f"{len(val_data)} validation digits, " if val_data is not None else "")
                       + f"{len(test_data)} test digits | device {device}")
 

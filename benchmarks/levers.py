@@ -40,7 +40,7 @@ import helper_functions as hf  # noqa: E402
 def explicit_attention(self, x: torch.Tensor) -> torch.Tensor:
     """``MultiHeadSelfAttention.forward`` written out: softmax(q k^T / sqrt(D_h)) v, without
     ``F.scaled_dot_product_attention``."""
-    q, k, v = self._heads(x)
+    q, k, v = self.queries_keys_values(x)
     weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)  # (batch, heads, seq, seq)
     return self.out_proj(rearrange(weights @ v, "b h n d -> b n (h d)"))
 

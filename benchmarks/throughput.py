@@ -247,7 +247,7 @@ def benchmark_config(name: str, config: dict[str, Any], batch_size: int, steps: 
                "matmul_median_flops_per_s": statistics.median(matmul_rates), "models": {}}
     for model_name, rec in records.items():
         results["models"][model_name] = {
-            "parameters": sum(p.numel() for p in runners[model_name].model.parameters()),
+            "parameters": hf.count_parameters(runners[model_name].model),
             "train_images_per_s": rec["train"], "infer_images_per_s": rec["infer"],
             "train_images_per_cpu_s": rec["train_cpu"], "infer_images_per_cpu_s": rec["infer_cpu"],
             "train_median": statistics.median(rec["train"]), "infer_median": statistics.median(rec["infer"]),

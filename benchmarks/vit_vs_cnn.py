@@ -39,12 +39,13 @@ PERMUTATION_SEED = 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(EPOCHS), help="numbers of training digits")
-    parser.add_argument("--epochs", type=int, nargs="+", default=None,
+    parser = hf.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=hf.positive_int, nargs="+", default=list(EPOCHS),
+                        help="numbers of training digits")
+    parser.add_argument("--epochs", type=hf.positive_int, nargs="+", default=None,
                         help="epochs for each size, in the same order (default: 40 12 5 3 for 1k 5k 20k 60k)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=hf.seed_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=REPO_DIR / "benchmarks" / "results",
@@ -60,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.epochs = [EPOCHS[size] for size in args.sizes]
     if len(args.epochs) != len(args.sizes):
         parser.error(f"--epochs needs one number per size: {len(args.sizes)} sizes, {len(args.epochs)} epochs")
-    if not all(0 < size <= 60000 for size in args.sizes) or min(args.epochs) < 1:
-        parser.error("--sizes must be between 1 and 60000 and --epochs at least 1")
+    if max(args.sizes) > 60000:
+        parser.error(f"--sizes {max(args.sizes)} is more than MNIST's 60000 training digits")
     return args
 
 
@@ -130,10 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     start = time.perf_counter()
                     hf.train_classifier(model, hf.first_examples(train_data, size),
                                         hf.first_examples(test_data, 1000), epochs, seed=seed)
-                    loader = torch.utils.data.DataLoader(test_data, batch_size=500)
-                    _, test_acc = hf.test_step(model, loader, loss_fn)
+                    _, test_acc = hf.test_step(model, hf.evaluation_loader(test_data, batch_size=500), loss_fn)
                     run.update(test_acc=round(test_acc, 4), seconds=round(time.perf_counter() - start, 1),
-                               parameters=hf.parameter_count(model))
+                               parameters=hf.count_parameters(model))
                     report["runs"].append(run)
                     hf._atomic_write_bytes(json.dumps(report, indent=1).encode(), path)  # kept after every run
                     print(f"{model_name:<3} {variant:<15} {size:>6} digits {epochs:>3} epochs seed {seed}: "

@@ -14,7 +14,7 @@ TINY = dict(subset=256, batch_size=32, epochs=3, num_layers=1, embedding_dim=16,
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     device = hf.init_distributed("cpu")
-    rank, world = hf.process_rank()
+    rank, world = hf.rank(), hf.world_size()
     setup = hf.TrainingSetup(**TINY, device=device)
     results = setup.train(progress=False)
     torch.save(setup.model.state_dict(), out / f"rank{rank}.pt")

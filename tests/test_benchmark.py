@@ -50,7 +50,7 @@ def test_torchvision_model_is_configured_like_ours_for_one_channel_images():
 @needs_vit_pytorch
 def test_vit_pytorch_model_differs_from_ours_only_as_documented():
     ours, theirs = tp.build_ours(SMALL), tp.build_vit_pytorch(SMALL)
-    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    count = hf.count_parameters
     patch_pixels, d, layers = 49, 64, 6
     extra_layer_norms = 2 * patch_pixels + 2 * d  # LayerNorm(patch_dim) before and LayerNorm(dim) after the projection
     no_qkv_bias = layers * 3 * d

@@ -101,23 +101,17 @@ def test_layer_norm_rejects_an_unknown_bug():
 
 def test_torch_attention_with_batch_first_equals_ours():
     hf.set_seeds(0)
-    ours = hf.MultiHeadSelfAttention(32, 4)
+    ours = hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=4)
     tokens = torch.randn(3, 7, 32)  # (batch, seq, embedding_dim)
     assert hf.max_abs_difference(hf.TorchSelfAttention.from_ours(ours, batch_first=True), ours, tokens) < 1e-5
     assert hf.max_abs_difference(hf.TorchSelfAttention.from_ours(ours, batch_first=False), ours, tokens) > 1e-2
 
 
-def encoder_batch_dependence(model, images):
-    with torch.no_grad():
-        tokens = model.embed(images)  # (batch, num_tokens, embedding_dim)
-    return hf.batch_dependence(model.encoder, tokens)
-
-
 def test_batch_first_false_attention_is_caught():
     images, _ = tiny_batch()
-    assert encoder_batch_dependence(tiny_vit("attention_batch_first_false"), images) > 1e-2
-    assert encoder_batch_dependence(hf.use_torch_attention(tiny_vit(), batch_first=True), images) < 1e-5
-    assert encoder_batch_dependence(tiny_vit(), images) < 1e-5
+    assert hf.encoder_batch_dependence(tiny_vit("attention_batch_first_false"), images) > 1e-2
+    assert hf.encoder_batch_dependence(hf.use_torch_attention(tiny_vit(), batch_first=True), images) < 1e-5
+    assert hf.encoder_batch_dependence(tiny_vit(), images) < 1e-5
 
 
 def test_batch_first_false_attention_is_caught_at_the_output_with_mean_pooling():
@@ -180,15 +174,15 @@ def test_shuffle_patches_moves_whole_patches():
 def test_missing_mlp_activation_is_caught():
     hf.set_seeds(0)
     x, y = torch.randn(2, 5, 32).unbind(0)
-    correct = hf.MLPBlock(32, 64, dropout=0.0)
-    buggy = hf.remove_mlp_activations(hf.MLPBlock(32, 64, dropout=0.0))
+    correct = hf.MLPBlock(embedding_dim=32, mlp_size=64, dropout=0.0)
+    buggy = hf.remove_mlp_activations(hf.MLPBlock(embedding_dim=32, mlp_size=64, dropout=0.0))
     assert hf.nonlinearity(buggy, x, y) < 1e-5
     assert hf.nonlinearity(correct, x, y) > 1e-2
 
 
 def test_mlp_without_activation_collapses_to_one_linear_layer():
     hf.set_seeds(0)
-    buggy = hf.remove_mlp_activations(hf.MLPBlock(32, 64, dropout=0.0)).eval()
+    buggy = hf.remove_mlp_activations(hf.MLPBlock(embedding_dim=32, mlp_size=64, dropout=0.0)).eval()
     merged = hf.collapse_linear_stack(buggy[0], buggy[3])
     assert hf.max_abs_difference(merged, buggy, torch.randn(5, 32)) < 1e-5
 

@@ -4,6 +4,7 @@ import gzip
 import io
 import pickle
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -283,3 +284,12 @@ def test_get_device_prefers_cuda_then_apples_mps_then_the_cpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
         assert hf.get_device() == torch.device(expected), (cuda, mps)
+
+
+def test_socket_timeout_is_restored_even_when_the_download_fails():
+    before = socket.getdefaulttimeout()
+    with pytest.raises(OSError, match="offline"):
+        with hf.socket_timeout(0.5):
+            assert socket.getdefaulttimeout() == 0.5
+            raise OSError("offline")
+    assert socket.getdefaulttimeout() == before

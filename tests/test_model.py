@@ -35,7 +35,8 @@ def _copy_mha_weights(ours: hf.MultiHeadSelfAttention, theirs: nn.MultiheadAtten
 @pytest.mark.parametrize("channels, size, patch, dim, num_patches", [(3, 224, 16, 768, 196), (1, 28, 7, 32, 16),
                                                                       (1, 28, 4, 8, 49)])
 def test_patch_embedding_gives_one_token_per_patch(channels, size, patch, dim, num_patches):
-    out = hf.PatchEmbedding(channels, patch, dim)(torch.randn(2, channels, size, size))
+    embed = hf.PatchEmbedding(in_channels=channels, patch_size=patch, embedding_dim=dim)
+    out = embed(torch.randn(2, channels, size, size))
     assert out.shape == (2, num_patches, dim)
 
 
@@ -65,17 +66,17 @@ def test_patch_embedding_orders_patches_row_by_row():
 
 def test_patch_embedding_rejects_image_not_divisible_by_patch_size():
     with pytest.raises(ValueError, match="not divisible by patch size 7"):
-        hf.PatchEmbedding(1, 7, 8)(torch.randn(1, 1, 30, 30))
+        hf.PatchEmbedding(in_channels=1, patch_size=7, embedding_dim=8)(torch.randn(1, 1, 30, 30))
 
 
 def test_patch_embedding_rejects_wrong_channel_count():
     with pytest.raises(ValueError, match="expected 3 channel"):
-        hf.PatchEmbedding(3, 7, 8)(torch.randn(1, 1, 28, 28))
+        hf.PatchEmbedding(in_channels=3, patch_size=7, embedding_dim=8)(torch.randn(1, 1, 28, 28))
 
 
 def test_patch_embedding_rejects_an_image_without_batch_dimension():
     with pytest.raises(ValueError, match="unsqueeze"):
-        hf.PatchEmbedding(1, 7, 8)(torch.randn(1, 28, 28))
+        hf.PatchEmbedding(in_channels=1, patch_size=7, embedding_dim=8)(torch.randn(1, 28, 28))
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
@@ -112,7 +113,7 @@ def test_unfold_cropping_is_silent_in_the_blogs_patcher_and_caught_by_ours():
     cropped[..., :, 24:] = 0.0
     torch.testing.assert_close(blog(cropped)[1], patches)  # ... and the blog's patcher does not notice
     with pytest.raises(ValueError, match="28x28 is not divisible by patch size 8"):
-        hf.PatchEmbedding(1, 8, 16)(images)
+        hf.PatchEmbedding(in_channels=1, patch_size=8, embedding_dim=16)(images)
 
 
 def test_stride_smaller_than_the_patch_makes_overlapping_patches():
@@ -124,11 +125,11 @@ def test_stride_smaller_than_the_patch_makes_overlapping_patches():
 
 
 def test_msa_keeps_the_shape():
-    assert hf.MultiHeadSelfAttention(32, 4)(torch.randn(3, 17, 32)).shape == (3, 17, 32)
+    assert hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=4)(torch.randn(3, 17, 32)).shape == (3, 17, 32)
 
 
 def test_msa_equals_nn_multiheadattention_batch_first_with_the_same_weights():
-    ours = hf.MultiHeadSelfAttention(32, 4).eval()
+    ours = hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=4).eval()
     theirs = nn.MultiheadAttention(32, 4, batch_first=True).eval()
     _copy_mha_weights(ours, theirs)
     x = torch.randn(3, 17, 32)
@@ -139,7 +140,7 @@ def test_msa_equals_nn_multiheadattention_batch_first_with_the_same_weights():
 
 
 def test_msa_equals_scaled_dot_product_attention_per_head_written_out():
-    msa = hf.MultiHeadSelfAttention(32, 4).eval()
+    msa = hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=4).eval()
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         q, k, v = msa.qkv(x).chunk(3, dim=-1)  # each (batch, N, D)
@@ -152,13 +153,13 @@ def test_msa_equals_scaled_dot_product_attention_per_head_written_out():
 
 
 def test_attention_weights_are_rows_that_sum_to_one():
-    A = hf.MultiHeadSelfAttention(32, 4).attention_weights(torch.randn(2, 9, 32))
+    A = hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=4).attention_weights(torch.randn(2, 9, 32))
     assert A.shape == (2, 4, 9, 9)
     torch.testing.assert_close(A.sum(dim=-1), torch.ones(2, 4, 9))
 
 
 def test_msa_attention_dropout_is_used_in_training_only():
-    msa = hf.MultiHeadSelfAttention(32, 4, attn_dropout=0.5)
+    msa = hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=4, attn_dropout=0.5)
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         assert not torch.allclose(msa(x), msa(x))  # training mode: random attention dropout
@@ -168,9 +169,9 @@ def test_msa_attention_dropout_is_used_in_training_only():
 
 @pytest.mark.parametrize("build, argument", [
     (lambda: hf.PatchEmbedding(patch_size=0), "patch_size"),
-    (lambda: hf.MultiHeadSelfAttention(32, num_heads=0), "num_heads"),
-    (lambda: hf.MultiHeadSelfAttention(32, num_heads=-4), "num_heads"),
-    (lambda: hf.MLPBlock(32, mlp_size=0), "mlp_size"),
+    (lambda: hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=0), "num_heads"),
+    (lambda: hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=-4), "num_heads"),
+    (lambda: hf.MLPBlock(embedding_dim=32, mlp_size=0), "mlp_size"),
     (lambda: hf.TransformerEncoderBlock(embedding_dim=-8), "embedding_dim"),
 ], ids=["patch_size=0", "num_heads=0", "num_heads=-4", "mlp_size=0", "embedding_dim=-8"])
 def test_every_part_rejects_sizes_below_one_naming_the_argument(build, argument):
@@ -187,9 +188,9 @@ def test_msa_rejects_dim_not_divisible_by_heads():
 
 
 @pytest.mark.parametrize("make_layer", [
-    lambda: hf.MultiHeadSelfAttention(32, 4),
-    lambda: hf.MLPBlock(32, 64),
-    lambda: hf.TransformerEncoderBlock(32, 4, 64),
+    lambda: hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=4),
+    lambda: hf.MLPBlock(embedding_dim=32, mlp_size=64),
+    lambda: hf.TransformerEncoderBlock(embedding_dim=32, num_heads=4, mlp_size=64),
 ], ids=["msa", "mlp", "block"])
 def test_every_part_keeps_samples_independent(make_layer):
     assert hf.batch_dependence(make_layer().eval(), torch.randn(4, 17, 32)) < 1e-5
@@ -218,7 +219,7 @@ def test_batch_dependence_needs_two_samples():
 
 
 def test_mlp_block_equals_torchvision_ops_mlp_in_both_modes():
-    ours = hf.MLPBlock(32, 64, dropout=0.3)
+    ours = hf.MLPBlock(embedding_dim=32, mlp_size=64, dropout=0.3)
     theirs = torchvision.ops.MLP(32, [64, 32], activation_layer=nn.GELU, dropout=0.3)
     theirs.load_state_dict(ours.state_dict())  # the same names: 0.* and 3.*
     x = torch.randn(2, 9, 32)
@@ -233,7 +234,7 @@ def test_mlp_block_equals_torchvision_ops_mlp_in_both_modes():
 
 
 def test_mlp_block_parameter_names_match_torchvision():
-    assert list(hf.MLPBlock(32, 64).state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    assert list(hf.MLPBlock(embedding_dim=32, mlp_size=64).state_dict()) == ["0.weight", "0.bias", "3.weight", "3.bias"]
 
 
 def test_dropout_sits_where_appendix_b1_puts_it():
@@ -285,7 +286,7 @@ def _torch_encoder_layer(block: hf.TransformerEncoderBlock, **changes) -> nn.Tra
 
 
 def test_encoder_block_equals_nn_transformer_encoder_layer_pre_norm_gelu():
-    block = hf.TransformerEncoderBlock(32, 4, 64).eval()
+    block = hf.TransformerEncoderBlock(embedding_dim=32, num_heads=4, mlp_size=64).eval()
     x = torch.randn(2, 17, 32)
     with torch.no_grad():
         torch.testing.assert_close(block(x), _torch_encoder_layer(block)(x), atol=1e-5, rtol=1e-5)
@@ -295,7 +296,7 @@ def test_encoder_block_equals_nn_transformer_encoder_layer_pre_norm_gelu():
 
 
 def test_shared_weights_from_layer_times_n_are_detected():
-    layer = hf.TransformerEncoderBlock(32, 4, 64)
+    layer = hf.TransformerEncoderBlock(embedding_dim=32, num_heads=4, mlp_size=64)
     shared = nn.ModuleList([layer] * 3)  # three references to one layer: one set of weights, updated three times
     cloned = nn.ModuleList([copy.deepcopy(layer) for _ in range(3)])  # the harvardnlp clones(): three layers
     groups = hf.shared_parameters(shared)
@@ -306,7 +307,7 @@ def test_shared_weights_from_layer_times_n_are_detected():
 
 
 def test_encoder_block_state_dict_names_are_stable():
-    assert list(hf.TransformerEncoderBlock(32, 4, 64).state_dict()) == [
+    assert list(hf.TransformerEncoderBlock(embedding_dim=32, num_heads=4, mlp_size=64).state_dict()) == [
         "ln_1.weight", "ln_1.bias", "self_attention.qkv.weight", "self_attention.qkv.bias",
         "self_attention.out_proj.weight", "self_attention.out_proj.bias", "ln_2.weight", "ln_2.bias",
         "mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias"]
@@ -413,13 +414,13 @@ def test_vit_from_config_applies_overrides():
 @pytest.mark.parametrize("name", ["vit_b_16", "vit_l_16", "vit_h_14"])
 def test_parameter_counts_match_table_1(name):
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        count = sum(p.numel() for p in hf.vit_from_config(name).parameters())
+        count = hf.count_parameters(hf.vit_from_config(name))
     assert abs(count - hf.PAPER_PARAMS[name]) / hf.PAPER_PARAMS[name] < 0.02
 
 
 def test_vit_b_16_parameter_count_equals_torchvisions():
     with torch.device("meta"):
-        ours = sum(p.numel() for p in hf.vit_from_config("vit_b_16").parameters())
+        ours = hf.count_parameters(hf.vit_from_config("vit_b_16"))
     assert ours == torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1.meta["num_params"] == 86_567_656
 
 

@@ -32,7 +32,7 @@ TAUGHT = {
     "02_multi_head_self_attention": ["MultiHeadSelfAttention", "batch_dependence"],
     "03_mlp_block": ["MLPBlock"],
     "04_transformer_encoder": ["TransformerEncoderBlock", "shared_parameters"],
-    "05_vision_transformer": ["ViT"],
+    "05_vision_transformer": ["ViT", "count_parameters"],
 }
 
 
@@ -140,7 +140,7 @@ def test_notebook_02s_loop_over_heads_equals_the_vectorised_attention():
     loop = _namespace_of_cell_defining("MultiHeadSelfAttentionLoop", "02_multi_head_self_attention")
     torch.manual_seed(0)
     teaching = loop["MultiHeadSelfAttentionLoop"](32, 4).eval()
-    vectorised = hf.MultiHeadSelfAttention(32, 4).eval()
+    vectorised = hf.MultiHeadSelfAttention(embedding_dim=32, num_heads=4).eval()
     vectorised.load_state_dict(teaching.state_dict())
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
@@ -149,13 +149,14 @@ def test_notebook_02s_loop_over_heads_equals_the_vectorised_attention():
 
 def test_notebook_04s_clones_makes_independent_copies():
     annotated = _namespace_of_cell_defining("EncoderLayer", "04_transformer_encoder")
-    assert hf.shared_parameters(annotated["clones"](hf.TransformerEncoderBlock(32, 4, 64), 3)) == []
+    block = hf.TransformerEncoderBlock(embedding_dim=32, num_heads=4, mlp_size=64)
+    assert hf.shared_parameters(annotated["clones"](block, 3)) == []
 
 
 def test_notebook_04s_annotated_transformer_layer_equals_our_block():
     annotated = _namespace_of_cell_defining("EncoderLayer", "04_transformer_encoder")
     torch.manual_seed(0)
-    block = hf.TransformerEncoderBlock(32, 4, 64).eval()
+    block = hf.TransformerEncoderBlock(embedding_dim=32, num_heads=4, mlp_size=64).eval()
     attention = torch.nn.MultiheadAttention(32, 4, batch_first=True)
     feed_forward = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Dropout(0.1),
                                        torch.nn.Linear(64, 32))

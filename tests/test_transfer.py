@@ -50,6 +50,7 @@ def test_train_transferlearning_py_writes_train_pys_files_and_a_linear_probe_kee
 def test_freeze_backbone_keeps_frozen_parameters_fixed_while_the_head_learns(tiny_vit):
     model = hf.freeze_backbone(hf.new_head(tiny_vit(num_classes=7), num_classes=10))
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    assert hf.count_parameters(model, trainable_only=True) == 16 * 10 + 10 < hf.count_parameters(model)  # D * K + K
     assert torch.count_nonzero(model.head.weight) == 0, "the new head starts at zero (Sec. 3.2)"
     before = {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -17,7 +17,7 @@ NOTEBOOK = REPO / "notebooks" / "10_vit_vs_cnn.ipynb"
 
 
 def test_the_cnn_has_about_as_many_parameters_as_the_mnist_vit():
-    cnn, vit = hf.parameter_count(hf.SmallCNN()), hf.parameter_count(hf.vit_from_config("vit_mnist"))
+    cnn, vit = hf.count_parameters(hf.SmallCNN()), hf.count_parameters(hf.vit_from_config("vit_mnist"))
     assert abs(cnn - vit) / vit < 0.05, (cnn, vit)
     assert hf.SmallCNN()(torch.randn(3, 1, 28, 28)).shape == (3, 10)
 
