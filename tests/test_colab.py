@@ -166,12 +166,12 @@ def test_on_a_gpu_runtime_the_fallback_training_uses_get_device(monkeypatch, tmp
     hf.fine_tune(model, digits, digits, epochs=1, warmup_epochs=0, progress=False)
 
     class FakeSetup:  # TrainingSetup without the data and the hours
-        def __init__(self, **recipe):
+        def __init__(self, device="cpu", **recipe):
             self.model, self.mean, self.std = hf.vit_from_config("vit_mnist"), 0.5, 0.5
             self.val_loader, self.val_indices = None, None  # no validation set: nothing to test at the end
-
-        def train(self, device="cpu", **kwargs):
             used.append(device)
+
+        def train(self, **kwargs):
             return history
 
     monkeypatch.setattr(hf, "TrainingSetup", FakeSetup)
