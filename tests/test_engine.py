@@ -155,9 +155,9 @@ def test_save_run_writes_weights_results_and_curves(tmp_path, toy_vit, history):
     assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_train_continues_a_history_it_is_given_and_numbers_epochs_from_it():
-    model = _tiny_vit()
-    train_loader, test_loader = _toy_loaders(64)
+def test_train_continues_a_history_it_is_given_and_numbers_epochs_from_it(toy_vit, toy_loaders):
+    model = toy_vit()
+    train_loader, test_loader = toy_loaders(64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
     history = hf.train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs=2, progress=False)
@@ -170,9 +170,9 @@ def test_train_continues_a_history_it_is_given_and_numbers_epochs_from_it():
                  progress=False)
 
 
-def test_train_applies_augment_to_every_training_batch_and_never_to_the_evaluation():
-    model = _tiny_vit()
-    train_loader, test_loader = _toy_loaders(64)  # 2 training batches
+def test_train_applies_augment_to_every_training_batch_and_never_to_the_evaluation(toy_vit, toy_loaders):
+    model = toy_vit()
+    train_loader, test_loader = toy_loaders(64)  # 2 training batches
     augmented = []
 
     def augment(images):
@@ -184,9 +184,8 @@ def test_train_applies_augment_to_every_training_batch_and_never_to_the_evaluati
     assert augmented == [32, 32, 32, 32]
 
 
-def test_training_setup_builds_its_model_on_its_device_with_fused_adamw():
-    setup = hf.TrainingSetup(subset=64, epochs=1, warmup_epochs=0, num_layers=1, embedding_dim=16, num_heads=2,
-                             mlp_size=32, device="cpu")
+def test_training_setup_builds_its_model_on_its_device_with_fused_adamw(tiny_sizes):
+    setup = hf.TrainingSetup(subset=64, epochs=1, warmup_epochs=0, device="cpu", **tiny_sizes)
     assert setup.optimizer.defaults["fused"] is True
     assert all(p.device.type == "cpu" for p in setup.model.parameters())
     assert setup.augment is hf.random_affine

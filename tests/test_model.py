@@ -247,7 +247,7 @@ def test_dropout_sits_where_appendix_b1_puts_it():
 
 
 def test_encoder_block_is_eq_2_and_3_with_layernorm_written_as_its_formula():
-    block = hf.TransformerEncoderBlock(32, 4, 64).eval()
+    block = hf.TransformerEncoderBlock(embedding_dim=32, num_heads=4, mlp_size=64).eval()
     with torch.no_grad():
         for ln in (block.ln_1, block.ln_2):  # non-trivial scales and shifts, so that they are tested too
             ln.weight.normal_()
