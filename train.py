@@ -1,13 +1,16 @@
 """Train the from-scratch Vision Transformer on MNIST or Fashion-MNIST from the command line.
 
-    python train.py --epochs 8                                   # notebook 07's recipe (hf.MNIST_RECIPE)
-    python train.py --dataset fashion-mnist --epochs 8
-    python train.py --epochs 8 --overwrite                       # again, replacing the run saved as vit_mnist
+    python train.py                                              # notebook 07's recipe (hf.MNIST_RECIPE)
+    python train.py --dataset fashion-mnist
+    python train.py --overwrite                                  # again, replacing the run saved as vit_mnist
     python train.py --epochs 30 --stop-after 10 --name long       # train 10 of 30 planned epochs, then stop
     python train.py --name long --resume                          # ... and continue from the last saved epoch
-    torchrun --nproc_per_node=2 train.py --epochs 8               # data-parallel: 2 processes (GPUs, or CPU shares)
-    python train.py --epochs 8 --amp --compile                    # bfloat16 autocast, torch.compile
-    python train.py --epochs 8 --val-split 0 --name all_60k        # no validation set: train on all 60,000
+    torchrun --nproc_per_node=2 train.py                          # data-parallel: 2 processes (GPUs, or CPU shares)
+    python train.py --amp --compile                               # bfloat16 autocast, torch.compile
+    python train.py --val-split 0 --name all_60k                   # no validation set: train on all 60,000
+
+torch.compile is on by default for runs of hf.COMPILE_FROM_STEPS optimizer steps or more (where it pays back its
+compile time) and off for shorter ones; --compile / --no-compile decide.
 
 5,000 training images (--val-split) are held out, the same ones in every run (a fixed, seeded permutation): each
 epoch is measured on them, and the test set is read once, after the last epoch (the results' test_loss and test_acc).
@@ -205,12 +208,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 history = checkpoint["history"]
                 hf.print0(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
             processes = hf.world_size()
+            compile = hf.use_compile(args.compile, recipe["epochs"] * len(setup.train_loader))
             validation = f"{len(setup.val_data)} validation, " if setup.val_data is not None else ""
             hf.print0(f"{recipe['dataset']}: {len(setup.train_data)} training, {validation}{len(setup.test_data)} test "
                       f"images | "
                       f"{hf.count_parameters(setup.model):,} parameters | device {device}"
                       + (f" | {processes} processes ({torch.distributed.get_backend()})" if processes > 1 else "")
-                      + (" | bfloat16 autocast" if args.amp else "") + (" | torch.compile" if args.compile else ""))
+                      + (" | bfloat16 autocast" if args.amp else "") + (" | torch.compile" if compile else ""))
             hf.print0("recipe:", " ".join(f"{k}={v}" for k, v in recipe.items()))
 
             # 4. Train with the shared engine, saving everything after every epoch (process 0 writes)
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 results.clear()
                 results.update(so_far)
 
-            setup.train(stop, history, compile=args.compile, amp=args.amp,
+            setup.train(stop, history, compile=compile, amp=args.amp,
                         progress=args.progress and hf.is_main_process(), on_epoch_end=save)
             if processes > 1:
                 digest = hf.check_processes_agree(setup.model)

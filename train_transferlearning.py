@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=lr, batch_size=args.batch_size,
                                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
                                    device=device, progress=args.progress and hf.is_main_process(), amp=args.amp,
-                                   compile=args.compile, val_data=val_data)
+                                   compile=hf.use_compile(args.compile, args.epochs * hf.steps_per_epoch(
+                                       len(train_data), args.batch_size, hf.launched_processes())),
+                                   val_data=val_data)
             model.requires_grad_(True)  # a loaded model should train like any other; the recipe records the freezing
             if hf.is_main_process():
                 hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std,

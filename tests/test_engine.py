@@ -189,3 +189,9 @@ def test_training_setup_builds_its_model_on_its_device_with_fused_adamw(tiny_siz
     assert setup.optimizer.defaults["fused"] is True
     assert all(p.device.type == "cpu" for p in setup.model.parameters())
     assert setup.augment is hf.random_affine
+
+
+def test_compile_is_used_as_asked_or_by_default_only_for_long_runs():
+    assert hf.use_compile(True, 10) and not hf.use_compile(False, 10 * hf.COMPILE_FROM_STEPS)
+    assert not hf.use_compile(None, hf.COMPILE_FROM_STEPS - 1)
+    assert hf.use_compile(None, hf.COMPILE_FROM_STEPS)
