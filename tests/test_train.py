@@ -116,3 +116,32 @@ def test_get_trained_mnist_vit_loads_a_saved_run_of_the_current_recipe_without_t
     loaded, loaded_results = hf.get_trained_mnist_vit(tmp_path / "vit_mnist.pth")
     assert loaded_results == results and not loaded.training
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def _readme_train_commands() -> list[list[str]]:
+    """The flags of every `train.py` command in README.md's code blocks (comments and the venv prefix left out)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for line in readme.splitlines():
+        command = line.split("#")[0]
+        if " train.py" in command and command.lstrip().startswith((".venv/bin/python", "python")):
+            commands.append(command.split(" train.py", 1)[1].split())
+    return commands
+
+
+def test_every_train_py_command_in_the_readme_is_a_valid_recipe():
+    commands = _readme_train_commands()
+    assert len(commands) >= 8 and any("--patch-size" in c for c in commands), commands  # the best recipe is there
+    for argv in (c for c in commands if "--help" not in c):
+        args = train.build_parser().parse_args(argv)
+        given = {key: getattr(args, key) for key in train.DEFAULTS if getattr(args, key) is not None}
+        if not args.resume:
+            train.check_recipe(train.new_recipe(given), args.stop_after)
+
+
+def test_the_readme_best_recipe_is_hf_best_mnist_recipe():
+    best = next(c for c in _readme_train_commands() if "--patch-size" in c)
+    args = train.build_parser().parse_args(best)
+    given = {key: getattr(args, key) for key in train.DEFAULTS if getattr(args, key) is not None}
+    recipe = train.new_recipe(given)
+    assert all(recipe[key] == value for key, value in hf.BEST_MNIST_RECIPE.items() if key != "config")
