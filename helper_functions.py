@@ -1372,14 +1372,21 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
 
 
 def _progress(iterable: Any, progress: bool | str, **kwargs: Any) -> Any:
-    """Wrap ``iterable`` in a tqdm bar (notebook widget or terminal text, whichever fits) when ``progress`` is set."""
+    """Wrap ``iterable`` in a tqdm bar (notebook widget or terminal text, whichever fits) when ``progress`` is set.
+
+    The bar wraps a generator that starts iterating only when the loop does: ``tqdm.auto`` calls ``iter()`` on what
+    it is given as soon as it is built, and a shuffling DataLoader draws its order from its generator on every
+    ``iter()``, so wrapping the loader itself would give another epoch order with progress bars than without."""
     if not progress:
         return iterable
     from tqdm.auto import tqdm
 
+    def lazily():
+        yield from iterable
+
     if isinstance(progress, str):
         kwargs.setdefault("desc", progress)
-    return tqdm(iterable, **kwargs)
+    return tqdm(lazily(), total=len(iterable) if hasattr(iterable, "__len__") else None, **kwargs)
 
 
 def check_training_arguments(**values: Any) -> None:

@@ -195,3 +195,13 @@ def test_compile_is_used_as_asked_or_by_default_only_for_long_runs():
     assert hf.use_compile(True, 10) and not hf.use_compile(False, 10 * hf.COMPILE_FROM_STEPS)
     assert not hf.use_compile(None, hf.COMPILE_FROM_STEPS - 1)
     assert hf.use_compile(None, hf.COMPILE_FROM_STEPS)
+
+
+def test_progress_bars_do_not_change_the_training(tiny_sizes):
+    # tqdm.auto calls iter() on what it wraps when it is built; wrapping a shuffling DataLoader directly would draw
+    # one more order from its generator, so a run with progress bars would train on another order than one without
+    losses = []
+    for progress in (False, True):
+        setup = hf.TrainingSetup(subset=256, epochs=2, warmup_epochs=0, batch_size=32, **tiny_sizes)
+        losses.append(setup.train(progress=progress)["train_loss"])
+    assert losses[0] == losses[1]
