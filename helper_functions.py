@@ -1338,8 +1338,8 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
     With ``progress=True`` tqdm shows a bar over the epochs and one over each epoch's batches (widgets in Jupyter,
     text in a terminal), and one line of metrics is printed per epoch. ``on_epoch_end(epoch, results)``, if given, is
     called after each epoch with its 1-based number and the results so far (train.py saves a checkpoint there).
-    ``model`` must be on ``device``, and may be wrapped by ``parallelize``; testing uses the model inside. ``amp``: see
-    ``autocast``.
+    ``model`` goes to ``device`` (nothing moves if it is there already, as a ``TrainingSetup``'s is) and may be
+    wrapped by ``parallelize``; testing uses the model inside. ``amp``: see ``autocast``.
     """
     if split not in {"val", "test"}:
         raise ValueError(f"split must be 'val' (a validation set) or 'test', got {split!r}")
@@ -1351,6 +1351,7 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= done:
         raise ValueError(f"epochs must be a whole number above the {done} epochs already in results (the epoch to "
                          f"train until), got {epochs!r}")
+    model.to(device)
     sampler = train_dataloader.sampler
     for epoch in _progress(range(done, epochs), progress, desc="epochs"):
         if isinstance(sampler, torch.utils.data.DistributedSampler):
