@@ -89,11 +89,25 @@ def test_train_transferlearning_py_refuses_to_overwrite_too(tmp_path, capsys):
     train_transferlearning.main([*TRANSFER, "--out-dir", str(tmp_path), "--overwrite"])
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it: give the child the
+    default disposition, as a script started in a terminal has, so that the test works however pytest was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this process for the test (as in a terminal), whatever pytest inherited."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_two_runs_with_one_name_the_second_is_refused_and_ctrl_c_says_what_is_saved(tmp_path, capsys, tiny_run):
     # 1. A long run, stopped from outside once its first checkpoint is on disk
     first = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--epochs", "50", *tiny_run, "--subset", "1024",
                               "--out-dir", str(tmp_path)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, preexec_fn=_ctrl_c_as_in_a_terminal)
     path, lock = tmp_path / "vit_mnist.pth", tmp_path / "vit_mnist.lock"
     deadline = time.monotonic() + 120
     while not path.exists() and first.poll() is None and time.monotonic() < deadline:
@@ -345,7 +359,7 @@ def test_the_next_save_removes_temporary_files_of_a_killed_one(tmp_path, tiny_vi
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny.pth", live.name])
 
 
-def test_ctrl_c_during_a_save_waits_until_every_file_is_written():
+def test_ctrl_c_during_a_save_waits_until_every_file_is_written(ctrl_c_raises):
     written = []
     with pytest.raises(KeyboardInterrupt):
         with hf.interrupts_deferred():
