@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or REPO_DIR / "benchmarks" / "results" / f"time_to_accuracy_{args.recipe}.json"
     if out.exists() and not args.overwrite:
         parser.error(f"{out} already holds results; choose another --out, or replace it with --overwrite")
-    hf.check_training_arguments(**{k: recipe[k] for k in ("epochs", "batch_size", "lr", "warmup_epochs", "seed")})
+    try:  # a recipe that cannot work ends in one line, naming the value (e.g. a warm-up longer than the run)
+        hf.check_training_arguments(**{k: recipe[k] for k in ("epochs", "batch_size", "lr", "warmup_epochs", "seed")})
+    except ValueError as error:
+        parser.error(str(error))
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = dict(recipe_name=args.recipe, recipe=recipe, compile=args.compile,
                                   threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine(),

@@ -43,3 +43,10 @@ def test_an_existing_report_is_never_replaced_without_overwrite(tmp_path, capsys
         tta.main(TINY + ["--out", str(out)])
     assert stop.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "{}"
+
+
+def test_a_recipe_that_cannot_work_is_one_line_naming_the_value(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        tta.main(["--epochs", "2", "--warmup-epochs", "5", "--out", str(tmp_path / "x.json")])
+    assert stop.value.code == 2 and "warmup_epochs must be" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
