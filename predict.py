@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 
 import helper_functions as hf
+import machinery
 
 
-def build_parser() -> hf.ArgumentParser:
-    parser = hf.ArgumentParser(description="Classify a digit in an image file with a trained ViT.")
+def build_parser() -> machinery.ArgumentParser:
+    parser = machinery.ArgumentParser(description="Classify a digit in an image file with a trained ViT.")
     parser.add_argument("image", type=Path, help="a PNG or JPEG file with one digit on a plain background")
     parser.add_argument("--model", type=Path, default=hf.RUNS_DIR / "vit_mnist.pth",
                         help="a checkpoint written by train.py (default: runs/vit_mnist.pth)")
-    parser.add_argument("--top", type=hf.positive_int, default=3, help="how many classes to print (default: 3)")
+    parser.add_argument("--top", type=machinery.positive_int, default=3, help="how many classes to print (default: 3)")
     return parser
 
 
@@ -33,13 +34,13 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float]]:
         sys.exit(f"predict.py: no trained model at {args.model}; train one first with `python train.py` "
                  f"(about 5 minutes on 2 CPU cores), or pass --model PATH")
     # Ctrl-C, a damaged or unreadable checkpoint, a folder or a file we may not read: one line, never a traceback
-    with hf.command_line_errors(parser):
+    with machinery.command_line_errors(parser):
         try:
             checkpoint = hf.load_checkpoint(args.model)
             probabilities = hf.predict_image(args.model, args.image)
         except (ValueError, TypeError) as error:  # not an image, a blank image, weights that do not fit
             sys.exit(f"predict.py: {str(error).splitlines()[0].rstrip(': ')}")
-    names = {"fashion-mnist": hf.TORCHVISION_DATASETS["FashionMNIST"].classes}.get(checkpoint.get("dataset"))
+    names = {"fashion-mnist": machinery.TORCHVISION_DATASETS["FashionMNIST"].classes}.get(checkpoint.get("dataset"))
     top = probabilities.topk(min(args.top, len(probabilities)))
     pairs = [(int(c), float(p)) for p, c in zip(top.values, top.indices)]
     print(f"{args.image} ({args.model.name}):")

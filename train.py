@@ -9,7 +9,7 @@
     python train.py --amp --compile                               # bfloat16 autocast, torch.compile
     python train.py --val-split 0 --name all_60k                   # no validation set: train on all 60,000
 
-torch.compile is on by default for runs of hf.COMPILE_FROM_STEPS optimizer steps or more (where it pays back its
+torch.compile is on by default for runs of machinery.COMPILE_FROM_STEPS optimizer steps or more (where it pays back its
 compile time) and off for shorter ones; --compile / --no-compile decide.
 
 5,000 training images (--val-split) are held out, the same ones in every run (a fixed, seeded permutation): each
@@ -42,6 +42,7 @@ try:
     import torch
 
     import helper_functions as hf
+    import machinery
 except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import traceback
     print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr)
     raise SystemExit(130) from None
@@ -55,48 +56,48 @@ DEFAULTS = {**{k: v for k, v in hf.MNIST_RECIPE.items() if k != "config"}, "subs
             "embedding_dim": MODEL["embedding_dim"], "mlp_size": MODEL["mlp_size"], "dropout": MODEL["dropout"]}
 
 
-def build_parser() -> hf.ArgumentParser:
-    parser = hf.ArgumentParser(description="Train the from-scratch ViT on 28x28 digits or clothes.",
+def build_parser() -> machinery.ArgumentParser:
+    parser = machinery.ArgumentParser(description="Train the from-scratch ViT on 28x28 digits or clothes.",
                                      epilog="Settings left out take notebook 07's values (shown in brackets), or, "
                                             "with --resume, the saved run's values. Exit codes: 0 done, 1 failed, "
                                             "2 bad settings, 130 interrupted.")
     d = DEFAULTS
     run = parser.add_argument_group("recipe")
     run.add_argument("--dataset", help=f"mnist or fashion-mnist [{d['dataset']}]")
-    run.add_argument("--epochs", type=hf.positive_int, help=f"epochs the schedule is planned for [{d['epochs']}]")
-    run.add_argument("--batch-size", dest="batch_size", type=hf.positive_int, help=f"[{d['batch_size']}]")
-    run.add_argument("--lr", type=hf.finite_float, help=f"peak learning rate of AdamW [{d['lr']}]")
-    run.add_argument("--weight-decay", dest="weight_decay", type=hf.finite_float,
+    run.add_argument("--epochs", type=machinery.positive_int, help=f"epochs the schedule is planned for [{d['epochs']}]")
+    run.add_argument("--batch-size", dest="batch_size", type=machinery.positive_int, help=f"[{d['batch_size']}]")
+    run.add_argument("--lr", type=machinery.finite_float, help=f"peak learning rate of AdamW [{d['lr']}]")
+    run.add_argument("--weight-decay", dest="weight_decay", type=machinery.finite_float,
                      help=f"AdamW's weight decay [{d['weight_decay']}]")
-    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float,
+    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=machinery.finite_float,
                      help=f"linear warm-up before the cosine decay, in epochs (fractions allowed) "
                           f"[{d['warmup_epochs']}]")
-    run.add_argument("--label-smoothing", dest="label_smoothing", type=hf.finite_float,
+    run.add_argument("--label-smoothing", dest="label_smoothing", type=machinery.finite_float,
                      help=f"[{d['label_smoothing']}]")
     run.add_argument("--augment", action=argparse.BooleanOptionalAction,
                      help="random rotation (+-10 deg), shift (+-2 px) and zoom (+-10%%) of each training image "
                           f"[{d['augment']}]")
-    run.add_argument("--seed", type=hf.seed_int, help=f"0 to 2**32 - 1 [{d['seed']}]")
-    run.add_argument("--val-split", dest="val_split", type=hf.non_negative_int,
+    run.add_argument("--seed", type=machinery.seed_int, help=f"0 to 2**32 - 1 [{d['seed']}]")
+    run.add_argument("--val-split", dest="val_split", type=machinery.non_negative_int,
                      help="training images held out as a validation set, measured after every epoch; the test set is "
                           f"then read once, at the end (0: none, every epoch is tested) [{d['val_split']}]")
-    run.add_argument("--subset", type=hf.positive_int, help="use only the first N training, N validation and N test "
+    run.add_argument("--subset", type=machinery.positive_int, help="use only the first N training, N validation and N test "
                                                             "images (quick checks) [all]")
     model = parser.add_argument_group("model (Table 1's columns, scaled down)")
-    model.add_argument("--patch-size", dest="patch_size", type=hf.positive_int,
+    model.add_argument("--patch-size", dest="patch_size", type=machinery.positive_int,
                        help=f"P, must divide {IMAGE_SIZE} [{d['patch_size']}]")
-    model.add_argument("--depth", dest="num_layers", metavar="L", type=hf.positive_int,
+    model.add_argument("--depth", dest="num_layers", metavar="L", type=machinery.positive_int,
                        help=f"encoder blocks [{d['num_layers']}]")
-    model.add_argument("--heads", dest="num_heads", metavar="K", type=hf.positive_int,
+    model.add_argument("--heads", dest="num_heads", metavar="K", type=machinery.positive_int,
                        help=f"attention heads [{d['num_heads']}]")
-    model.add_argument("--embedding-dim", dest="embedding_dim", type=hf.positive_int,
+    model.add_argument("--embedding-dim", dest="embedding_dim", type=machinery.positive_int,
                        help=f"D, divisible by --heads [{d['embedding_dim']}]")
-    model.add_argument("--mlp-size", dest="mlp_size", type=hf.positive_int, help=f"[{d['mlp_size']}]")
-    model.add_argument("--dropout", type=hf.finite_float, help=f"[{d['dropout']}]")
-    out = hf.add_output_arguments(parser, default_name="vit_<dataset>")
+    model.add_argument("--mlp-size", dest="mlp_size", type=machinery.positive_int, help=f"[{d['mlp_size']}]")
+    model.add_argument("--dropout", type=machinery.finite_float, help=f"[{d['dropout']}]")
+    out = machinery.add_output_arguments(parser, default_name="vit_<dataset>")
     out.add_argument("--resume", action="store_true", help="continue the run saved in --out-dir/--name from its last "
                                                            "saved epoch (model, optimizer, schedule, random state)")
-    out.add_argument("--stop-after", dest="stop_after", type=hf.positive_int,
+    out.add_argument("--stop-after", dest="stop_after", type=machinery.positive_int,
                      help="stop after this epoch (the run stays resumable) [--epochs]")
     return parser
 
@@ -114,52 +115,52 @@ def new_recipe(given: dict) -> dict:
 
 
 def check_recipe(recipe: dict, stop_after: int | None) -> None:
-    """Refuse (hf.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
+    """Refuse (machinery.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
     if recipe["dataset"] not in hf.TRAINING_DATASETS:
-        raise hf.UsageError(f"--dataset: unknown dataset {recipe['dataset']!r}; choose one of "
+        raise machinery.UsageError(f"--dataset: unknown dataset {recipe['dataset']!r}; choose one of "
                             f"{', '.join(sorted(hf.TRAINING_DATASETS))}")
     if IMAGE_SIZE % recipe["patch_size"]:
         divisors = [p for p in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % p == 0]
-        raise hf.UsageError(f"--patch-size {recipe['patch_size']} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} "
+        raise machinery.UsageError(f"--patch-size {recipe['patch_size']} does not divide the {IMAGE_SIZE}x{IMAGE_SIZE} "
                             f"images; choose one of {divisors}")
     if recipe["embedding_dim"] % recipe["num_heads"]:
-        raise hf.UsageError(f"--embedding-dim {recipe['embedding_dim']} is not divisible by --heads "
+        raise machinery.UsageError(f"--embedding-dim {recipe['embedding_dim']} is not divisible by --heads "
                             f"{recipe['num_heads']}; each head gets embedding_dim / heads values")
     for key, ok, rule in (("lr", recipe["lr"] > 0, "> 0"), ("weight_decay", recipe["weight_decay"] >= 0, ">= 0"),
                           ("label_smoothing", 0 <= recipe["label_smoothing"] < 1, "at least 0 and less than 1"),
                           ("dropout", 0 <= recipe["dropout"] < 1, "at least 0 and less than 1")):
         if not ok:
-            raise hf.UsageError(f"{flag(key)} {recipe[key]} must be {rule}")
+            raise machinery.UsageError(f"{flag(key)} {recipe[key]} must be {rule}")
     if recipe["val_split"] >= TRAINING_IMAGES:
-        raise hf.UsageError(f"--val-split {recipe['val_split']} leaves no training images (there are "
+        raise machinery.UsageError(f"--val-split {recipe['val_split']} leaves no training images (there are "
                             f"{TRAINING_IMAGES}); hold out fewer, e.g. 5000, or 0 for no validation set")
     training_images = TRAINING_IMAGES - recipe["val_split"]
     steps = hf.steps_per_epoch(min(recipe["subset"] or training_images, training_images), recipe["batch_size"],
-                               hf.launched_processes())
-    hf.check_warmup(recipe["warmup_epochs"], recipe["epochs"], steps)
+                               machinery.launched_processes())
+    machinery.check_warmup(recipe["warmup_epochs"], recipe["epochs"], steps)
     if stop_after is not None and stop_after > recipe["epochs"]:
-        raise hf.UsageError(f"--stop-after {stop_after} is beyond --epochs {recipe['epochs']}")
+        raise machinery.UsageError(f"--stop-after {stop_after} is beyond --epochs {recipe['epochs']}")
 
 
 def saved_run(path: Path, given: dict) -> dict:
     """The checkpoint --resume continues; flags that clash with its saved settings are refused."""
     try:
         checkpoint = hf.load_checkpoint(path)
-    except hf.CheckpointError as error:
+    except machinery.CheckpointError as error:
         fix = str(error).replace("restore a copy or train again", "restore a copy, or start it again with --overwrite")
-        raise hf.CheckpointError(f"--resume: {fix}", error.reason) from None
+        raise machinery.CheckpointError(f"--resume: {fix}", error.reason) from None
     if "train_state" not in checkpoint or "recipe" not in checkpoint:
-        raise hf.UsageError(f"--resume: {path} holds weights but no training state (it was not written by train.py); "
+        raise machinery.UsageError(f"--resume: {path} holds weights but no training state (it was not written by train.py); "
                             f"choose another --name for a new run")
     clashes = [f"{flag(k)} {v} (saved: {checkpoint['recipe'].get(k)})" for k, v in given.items()
                if checkpoint["recipe"].get(k) != v]
     if clashes:
-        raise hf.UsageError(f"--resume continues the saved run with its own settings, but these differ: "
+        raise machinery.UsageError(f"--resume continues the saved run with its own settings, but these differ: "
                             f"{', '.join(clashes)}. Leave them out, or start a new run with another --name")
     saved = checkpoint.get("processes", 1)
-    if saved != hf.launched_processes():
-        raise hf.UsageError(f"--resume: {path} was trained by {saved} process(es) and this is "
-                            f"{hf.launched_processes()}; the schedule and the random states are per process, so resume "
+    if saved != machinery.launched_processes():
+        raise machinery.UsageError(f"--resume: {path} was trained by {saved} process(es) and this is "
+                            f"{machinery.launched_processes()}; the schedule and the random states are per process, so resume "
                             f"it with " + ("plain python" if saved == 1 else f"torchrun --nproc_per_node={saved}"))
     return checkpoint
 
@@ -171,30 +172,30 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     path = args.out_dir / f"{name}.pth"
     given = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
 
-    with hf.command_line_errors(parser, interrupted=lambda: hf.interrupted_run(path, resumable=True)):
+    with machinery.command_line_errors(parser, interrupted=lambda: machinery.interrupted_run(path, resumable=True)):
         # 1. Check every flag before anything is loaded or written
-        hf.check_run_name(name)
-        hf.check_device(args.device)
+        machinery.check_run_name(name)
+        machinery.device_from_flag(args.device)
         if args.resume and args.overwrite:
-            raise hf.UsageError("--resume continues the saved run and --overwrite replaces it; choose one")
+            raise machinery.UsageError("--resume continues the saved run and --overwrite replaces it; choose one")
         if args.resume and not path.exists():
-            raise hf.UsageError(f"--resume: no run saved at {path}; check --out-dir and --name, or leave out --resume")
+            raise machinery.UsageError(f"--resume: no run saved at {path}; check --out-dir and --name, or leave out --resume")
         if not args.resume:
             check_recipe(new_recipe(given), args.stop_after)
-        hf.check_output_folder(args.out_dir)
+        machinery.check_output_folder(args.out_dir)
 
         # 2. One writer per run name; a new run never replaces a saved one unless asked; --resume takes its settings
-        with hf.run_lock(path), hf.training_device(args.device) as device:
+        with machinery.run_lock(path), machinery.training_device(args.device) as device:
             checkpoint = saved_run(path, given) if args.resume else None
             if not args.resume:
-                hf.refuse_to_overwrite(path, args.overwrite, resumable=True)
+                machinery.refuse_to_overwrite(path, args.overwrite, resumable=True)
             recipe = checkpoint["recipe"] if checkpoint else new_recipe(given)
             done = checkpoint["epoch"] if checkpoint else 0
             stop = args.stop_after or recipe["epochs"]
             if args.stop_after is not None and args.stop_after > recipe["epochs"]:
-                raise hf.UsageError(f"--stop-after {args.stop_after} is beyond the saved --epochs {recipe['epochs']}")
+                raise machinery.UsageError(f"--stop-after {args.stop_after} is beyond the saved --epochs {recipe['epochs']}")
             if done >= stop:
-                raise hf.UsageError(f"{path} has already trained {done} of {recipe['epochs']} epochs; nothing to do "
+                raise machinery.UsageError(f"{path} has already trained {done} of {recipe['epochs']} epochs; nothing to do "
                                     f"(a longer run needs another --name)")
 
             # 3. Data, model, loss, AdamW and the warm-up + cosine schedule: the same setup notebook 07 uses
@@ -206,16 +207,16 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 setup.model.load_state_dict(checkpoint["state_dict"])
                 setup.load_training_state(checkpoint["train_state"])
                 history = checkpoint["history"]
-                hf.print0(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
-            processes = hf.world_size()
-            compile = hf.use_compile(args.compile, recipe["epochs"] * len(setup.train_loader))
+                machinery.print_main(f"Resuming {path} after epoch {done} of {recipe['epochs']}")
+            processes = machinery.world_size()
+            compile = machinery.use_compile(args.compile, recipe["epochs"] * len(setup.train_loader))
             validation = f"{len(setup.val_data)} validation, " if setup.val_data is not None else ""
-            hf.print0(f"{recipe['dataset']}: {len(setup.train_data)} training, {validation}{len(setup.test_data)} test "
+            machinery.print_main(f"{recipe['dataset']}: {len(setup.train_data)} training, {validation}{len(setup.test_data)} test "
                       f"images | "
                       f"{hf.count_parameters(setup.model):,} parameters | device {device}"
                       + (f" | {processes} processes ({torch.distributed.get_backend()})" if processes > 1 else "")
                       + (" | bfloat16 autocast" if args.amp else "") + (" | torch.compile" if compile else ""))
-            hf.print0("recipe:", " ".join(f"{k}={v}" for k, v in recipe.items()))
+            machinery.print_main("recipe:", " ".join(f"{k}={v}" for k, v in recipe.items()))
 
             # 4. Train with the shared engine, saving everything after every epoch (process 0 writes)
             start = time.perf_counter()
@@ -228,20 +229,20 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 if held_out == "val" and epoch == recipe["epochs"]:  # the run is finished: read the test set, once
                     so_far.update(setup.test(amp=args.amp))
                 train_state = setup.training_state()  # every process takes part: it gathers their random states
-                if hf.is_main_process():
+                if machinery.is_main_process():
                     hf.save_run(setup.model, so_far, args.out_dir, name=name, dataset=recipe["dataset"],
                                 mean=setup.mean, std=setup.std, recipe=recipe, epoch=epoch, train_state=train_state,
                                 processes=processes, val_indices=setup.val_indices)
-                hf.print0(f"epoch {epoch}/{recipe['epochs']}: {held_out}_acc {so_far[f'{held_out}_acc'][-1]:.4f} | "
+                machinery.print_main(f"epoch {epoch}/{recipe['epochs']}: {held_out}_acc {so_far[f'{held_out}_acc'][-1]:.4f} | "
                           f"{time.perf_counter() - start:.0f} s | saved {path}")
                 results.clear()
                 results.update(so_far)
 
             setup.train(stop, history, compile=compile, amp=args.amp,
-                        progress=args.progress and hf.is_main_process(), on_epoch_end=save)
+                        progress=args.progress and machinery.is_main_process(), on_epoch_end=save)
             if processes > 1:
-                digest = hf.check_processes_agree(setup.model)
-                hf.print0(f"weights identical in all {processes} processes (sha256 {digest[:16]})")
+                digest = machinery.check_processes_agree(setup.model)
+                machinery.print_main(f"weights identical in all {processes} processes (sha256 {digest[:16]})")
             epochs_done = len(results[f"{held_out}_acc"])
             if held_out == "test":
                 summary = f"test accuracy {results['test_acc'][-1]:.4f} after {epochs_done} epochs (no validation set)"
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             else:
                 summary = (f"validation accuracy {results['val_acc'][-1]:.4f} after {epochs_done} of "
                            f"{recipe['epochs']} epochs (the test set is read when the run finishes)")
-            hf.print0(f"Done: {summary}; {time.perf_counter() - start:.0f} s of training in this session. Files in "
+            machinery.print_main(f"Done: {summary}; {time.perf_counter() - start:.0f} s of training in this session. Files in "
                       f"{args.out_dir}/: {name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
     return results
 

@@ -33,6 +33,7 @@ try:
     import torch
 
     import helper_functions as hf
+    import machinery
 except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import traceback
     print(f"{Path(sys.argv[0]).name}: interrupted while starting; nothing was written", file=sys.stderr)
     raise SystemExit(130) from None
@@ -40,8 +41,8 @@ except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import
 MODES = ("finetune", "probe", "scratch")  # the learning rate of each: hf.TRANSFER_RECIPE["lr"]
 
 
-def build_parser() -> hf.ArgumentParser:
-    parser = hf.ArgumentParser(description="Fine-tune a pretrained ViT on a few labelled MNIST digits.",
+def build_parser() -> machinery.ArgumentParser:
+    parser = machinery.ArgumentParser(description="Fine-tune a pretrained ViT on a few labelled MNIST digits.",
                                      epilog="Settings left out take notebook 09's values (in brackets). Exit codes: "
                                             "0 done, 1 failed, 2 bad settings, 130 interrupted.")
     source = parser.add_argument_group("where the backbone comes from (choose one)").add_mutually_exclusive_group()
@@ -58,26 +59,26 @@ def build_parser() -> hf.ArgumentParser:
     run = parser.add_argument_group("recipe")
     run.add_argument("--freeze", action="store_true",
                      help="linear probe: freeze the backbone, train only the new head [full fine-tuning]")
-    run.add_argument("--epochs", type=hf.positive_int, default=d["epochs"], help=f"[{d['epochs']}]")
-    run.add_argument("--num-labels", dest="num_labels", type=hf.positive_int, default=d["num_labels"],
+    run.add_argument("--epochs", type=machinery.positive_int, default=d["epochs"], help=f"[{d['epochs']}]")
+    run.add_argument("--num-labels", dest="num_labels", type=machinery.positive_int, default=d["num_labels"],
                      help=f"labelled training digits, the same number per class (a multiple of 10) [{d['num_labels']}]")
     rates = ", ".join(f"{mode} {d['lr'][mode]}" for mode in MODES)
-    run.add_argument("--lr", type=hf.finite_float, help=f"peak learning rate of AdamW [{rates}]")
-    run.add_argument("--batch-size", dest="batch_size", type=hf.positive_int, default=d["batch_size"],
+    run.add_argument("--lr", type=machinery.finite_float, help=f"peak learning rate of AdamW [{rates}]")
+    run.add_argument("--batch-size", dest="batch_size", type=machinery.positive_int, default=d["batch_size"],
                      help=f"[{d['batch_size']}]")
-    run.add_argument("--weight-decay", dest="weight_decay", type=hf.finite_float, default=d["weight_decay"],
+    run.add_argument("--weight-decay", dest="weight_decay", type=machinery.finite_float, default=d["weight_decay"],
                      help=f"[{d['weight_decay']}]")
-    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float,
+    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=machinery.finite_float,
                      help=f"[{d['warmup_epochs']}, or a tenth of a shorter run]")
-    run.add_argument("--seed", type=hf.seed_int, default=d["seed"], help=f"[{d['seed']}]")
-    run.add_argument("--val-split", dest="val_split", type=hf.non_negative_int, default=d["val_split"],
+    run.add_argument("--seed", type=machinery.seed_int, default=d["seed"], help=f"[{d['seed']}]")
+    run.add_argument("--val-split", dest="val_split", type=machinery.non_negative_int, default=d["val_split"],
                      help="training digits held out (the labelled ones are drawn from the rest) and measured after "
                           "every epoch; the test set is then read once, at the end (0: none, every epoch is tested) "
                           f"[{d['val_split']}]")
-    run.add_argument("--subset", type=hf.positive_int,
+    run.add_argument("--subset", type=machinery.positive_int,
                      help="validate and test on only the first N validation and N test digits (quick checks; "
                           "ViT-B/16 on a CPU) [all]")
-    hf.add_output_arguments(parser, default_name="vit_mnist_<num-labels>_labels_<mode>")
+    machinery.add_output_arguments(parser, default_name="vit_mnist_<num-labels>_labels_<mode>")
     return parser
 
 
@@ -113,54 +114,54 @@ MNIST_TRAINING_IMAGES = 60_000
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse (hf.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
+    """Refuse (machinery.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
     if args.warmup_epochs is None:  # a run shorter than the default warm-up warms up for a tenth of it
         warmup = hf.TRANSFER_RECIPE["warmup_epochs"]
         args.warmup_epochs = warmup if warmup < args.epochs else args.epochs / 10
     if args.num_labels % 10 or args.num_labels > 10 * MNIST_TRAINING_IMAGES_PER_DIGIT:
-        raise hf.UsageError(f"--num-labels {args.num_labels} must be a multiple of 10 (every digit gets the same "
+        raise machinery.UsageError(f"--num-labels {args.num_labels} must be a multiple of 10 (every digit gets the same "
                             f"number) and at most {10 * MNIST_TRAINING_IMAGES_PER_DIGIT} (MNIST has "
                             f"{MNIST_TRAINING_IMAGES_PER_DIGIT} 5s)")
     if not args.val_split < MNIST_TRAINING_IMAGES:
-        raise hf.UsageError(f"--val-split {args.val_split} leaves no training digits (MNIST has "
+        raise machinery.UsageError(f"--val-split {args.val_split} leaves no training digits (MNIST has "
                             f"{MNIST_TRAINING_IMAGES}); hold out fewer, e.g. 5000, or 0 for no validation set")
     if args.lr is not None and not args.lr > 0:
-        raise hf.UsageError(f"--lr {args.lr} must be > 0")
+        raise machinery.UsageError(f"--lr {args.lr} must be > 0")
     if args.weight_decay < 0:
-        raise hf.UsageError(f"--weight-decay {args.weight_decay} must be >= 0")
-    steps = hf.steps_per_epoch(args.num_labels, args.batch_size, hf.launched_processes())
-    hf.check_warmup(args.warmup_epochs, args.epochs, steps)
+        raise machinery.UsageError(f"--weight-decay {args.weight_decay} must be >= 0")
+    steps = hf.steps_per_epoch(args.num_labels, args.batch_size, machinery.launched_processes())
+    machinery.check_warmup(args.warmup_epochs, args.epochs, steps)
     if args.scratch and args.freeze:
-        raise hf.UsageError("--freeze with --scratch would train a head on random features; leave one of them out")
+        raise machinery.UsageError("--freeze with --scratch would train a head on random features; leave one of them out")
     for option, path in (("--pretrained", args.pretrained), ("--weights", args.weights)):
         if path is not None and not path.exists():
             hint = ("train one (python train.py --dataset fashion-mnist --epochs 3) or leave out --pretrained to use "
                     "notebook 09's" if option == "--pretrained" else "download it first (see --imagenet's help) or "
                     "check the path")
-            raise hf.UsageError(f"{option}: no file at {path}; {hint}")
+            raise machinery.UsageError(f"{option}: no file at {path}; {hint}")
         if path is not None and path.is_dir():
-            raise hf.UsageError(f"{option}: {path} is a folder; pass the .pth file inside it")
+            raise machinery.UsageError(f"{option}: {path} is a folder; pass the .pth file inside it")
 
 
 def imagenet_backbone(weights: Path | None, freeze: bool) -> torch.nn.Module:
     """ViT-B/16 with torchvision's ImageNet weights (downloaded, cached, or --weights), a new head, frozen or not."""
     try:
-        with hf.main_process_first():  # under torchrun, one process downloads the weights
+        with machinery.main_process_first():  # under torchrun, one process downloads the weights
             return hf.imagenet_vit(weights, num_classes=10, freeze=freeze)
-    except hf.CheckpointError as error:  # damaged, or pickled objects: a failure of the file, not of the flags
-        raise hf.CheckpointError(f"--weights {weights}: {error}", error.reason) from None
+    except machinery.CheckpointError as error:  # damaged, or pickled objects: a failure of the file, not of the flags
+        raise machinery.CheckpointError(f"--weights {weights}: {error}", error.reason) from None
     except (ValueError, KeyError) as error:  # not ViT-B/16's weights: the message names the differing keys
         if weights is None:
             raise
         try:
             ours = hf.load_checkpoint(weights, verify=False)
-        except (hf.CheckpointError, OSError):
+        except (machinery.CheckpointError, OSError):
             ours = None
         if ours is not None:
-            raise hf.UsageError(f"--weights {weights} is one of this repository's checkpoints (written by train.py or "
+            raise machinery.UsageError(f"--weights {weights} is one of this repository's checkpoints (written by train.py or "
                                 f"hf.save_model), not torchvision's ViT-B/16 weights; pass it as --pretrained "
                                 f"{weights}") from None
-        raise hf.UsageError(f"--weights {weights}: {error}") from None
+        raise machinery.UsageError(f"--weights {weights}: {error}") from None
 
 
 def pretrained_backbone(path: Path | None, freeze: bool, progress: bool) -> tuple[torch.nn.Module, str]:
@@ -171,17 +172,17 @@ def pretrained_backbone(path: Path | None, freeze: bool, progress: bool) -> tupl
     else:
         try:
             model, source = hf.load_vit(path), str(path)
-        except hf.CheckpointError as error:
+        except machinery.CheckpointError as error:
             if error.reason == "torchvision":
-                raise hf.UsageError(f"--pretrained {path} holds torchvision's ViT weights, not one of this "
+                raise machinery.UsageError(f"--pretrained {path} holds torchvision's ViT weights, not one of this "
                                     f"repository's checkpoints; pass it as --weights {path}") from None
             if error.reason in {"foreign", "pickled", "folder"}:
-                raise hf.UsageError(f"--pretrained {path}: {error}") from None
-            raise hf.CheckpointError(f"--pretrained {path}: {error}", error.reason) from None  # damaged: a failure
+                raise machinery.UsageError(f"--pretrained {path}: {error}") from None
+            raise machinery.CheckpointError(f"--pretrained {path}: {error}", error.reason) from None  # damaged: a failure
         except ValueError as error:  # no config, or weights that do not fit it
-            raise hf.UsageError(f"--pretrained {path}: {error}") from None
+            raise machinery.UsageError(f"--pretrained {path}: {error}") from None
     if (model.config["image_size"], model.config["in_channels"]) != (28, 1):
-        raise hf.UsageError(f"--pretrained {source} is a {model.config['image_size']}px, "
+        raise machinery.UsageError(f"--pretrained {source} is a {model.config['image_size']}px, "
                             f"{model.config['in_channels']}-channel model; it needs a 28x28 greyscale one (use "
                             f"--weights for ViT-B/16)")
     hf.new_head(model, num_classes=10)
@@ -198,15 +199,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         f"vit_{'b_16_imagenet_' if imagenet else ''}mnist_{args.num_labels}_labels_{mode}"
     path = args.out_dir / f"{name}.pth"
 
-    with hf.command_line_errors(parser, interrupted=lambda: hf.interrupted_run(path, resumable=False)):
+    with machinery.command_line_errors(parser, interrupted=lambda: machinery.interrupted_run(path, resumable=False)):
         # 1. Check every flag and the output folder before anything is loaded: the files are written at the end
-        hf.check_run_name(name)
-        hf.check_device(args.device)
+        machinery.check_run_name(name)
+        machinery.device_from_flag(args.device)
         check_arguments(args)
-        hf.check_output_folder(args.out_dir)
+        machinery.check_output_folder(args.out_dir)
 
-        with hf.run_lock(path), hf.training_device(args.device) as device:
-            hf.refuse_to_overwrite(path, args.overwrite, resumable=False)
+        with machinery.run_lock(path), machinery.training_device(args.device) as device:
+            machinery.refuse_to_overwrite(path, args.overwrite, resumable=False)
 
             # 2. The backbone: ImageNet ViT-B/16, our pretrained ViT, or a fresh one; then a new head
             if imagenet:
@@ -221,11 +222,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                     model, source = hf.vit_from_config("vit_mnist"), None
                 else:
                     model, source = pretrained_backbone(args.pretrained, args.freeze,
-                                                        args.progress and hf.is_main_process())
+                                                        args.progress and machinery.is_main_process())
                 mean, std = hf.MNIST_MEAN, hf.MNIST_STD
                 train_data, val_data, test_data = mnist_data(args.num_labels, args.seed, args.val_split, args.subset)
             trainable = hf.count_parameters(model, trainable_only=True)
-            hf.print0(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
+            machinery.print_main(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
                       f"{hf.count_parameters(model):,} parameters learn | {len(train_data)} labelled "
                       f"training digits, " + (f"{len(val_data)} validation digits, " if val_data is not None else "")
                       + f"{len(test_data)} test digits | device {device}")
@@ -238,12 +239,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             start = time.perf_counter()
             results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=lr, batch_size=args.batch_size,
                                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                                   device=device, progress=args.progress and hf.is_main_process(), amp=args.amp,
-                                   compile=hf.use_compile(args.compile, args.epochs * hf.steps_per_epoch(
-                                       len(train_data), args.batch_size, hf.launched_processes())),
+                                   device=device, progress=args.progress and machinery.is_main_process(), amp=args.amp,
+                                   compile=machinery.use_compile(args.compile, args.epochs * hf.steps_per_epoch(
+                                       len(train_data), args.batch_size, machinery.launched_processes())),
                                    val_data=val_data)
             model.requires_grad_(True)  # a loaded model should train like any other; the recipe records the freezing
-            if hf.is_main_process():
+            if machinery.is_main_process():
                 hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std,
                             recipe=recipe)
             if val_data is not None:
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                            f"{results['test_acc']:.4f} (the test set, read once, at the end)")
             else:
                 summary = f"test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs (no validation set)"
-            hf.print0(f"Done: {summary} ({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, "
+            machinery.print_main(f"Done: {summary} ({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, "
                       f"{name}.json, {name}.pkl, {name}_loss_curves.png")
     return results
 

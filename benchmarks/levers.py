@@ -35,6 +35,7 @@ from einops import rearrange
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
 import helper_functions as hf  # noqa: E402
+import machinery  # noqa: E402
 
 
 def explicit_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ def build(lever: dict[str, Any], train_data: torch.utils.data.Dataset) -> tuple[
         images, labels = next_batch()
         if augment:
             images = hf.random_affine(images)
-        with hf.autocast("cpu", lever.get("amp", False)):
+        with machinery.mixed_precision("cpu", lever.get("amp", False)):
             loss = loss_fn(forward(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,9 +151,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats of 3 steps (of baseline and fused_adamw, unless --only)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(LEVERS)}")
-    parser.add_argument("--repeats", type=hf.positive_int, default=5)
-    parser.add_argument("--threads", type=hf.positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--images", type=hf.positive_int, default=3840, help="training images per measurement (default 3840)")
+    parser.add_argument("--repeats", type=machinery.positive_int, default=5)
+    parser.add_argument("--threads", type=machinery.positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--images", type=machinery.positive_int, default=3840, help="training images per measurement (default 3840)")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "benchmarks" / "results" / "levers.json")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else ["baseline", "fused_adamw"] if args.quick else list(LEVERS)

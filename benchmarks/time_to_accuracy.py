@@ -35,6 +35,7 @@ import torch
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))
 import helper_functions as hf  # noqa: E402
+import machinery  # noqa: E402
 
 # The recipes the README quotes. "best" is notebook 07's model with 4x4 patches (49 tokens instead of 16), label
 # smoothing and a longer schedule, trained on all 60,000 digits (its test accuracy is measured, never chosen on).
@@ -113,12 +114,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="notebook07", choices=sorted(RECIPES))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--epochs", type=hf.positive_int, help="override the recipe's epochs")
-    parser.add_argument("--batch-size", dest="batch_size", type=hf.positive_int, help="override the batch size")
-    parser.add_argument("--lr", type=hf.finite_float, help="override the peak learning rate")
-    parser.add_argument("--warmup-epochs", dest="warmup_epochs", type=hf.finite_float, help="override the warm-up")
-    parser.add_argument("--patch-size", dest="patch_size", type=hf.positive_int, help="override the patch size")
-    parser.add_argument("--subset", type=hf.positive_int, help="first N images of each set (quick checks)")
+    parser.add_argument("--epochs", type=machinery.positive_int, help="override the recipe's epochs")
+    parser.add_argument("--batch-size", dest="batch_size", type=machinery.positive_int, help="override the batch size")
+    parser.add_argument("--lr", type=machinery.finite_float, help="override the peak learning rate")
+    parser.add_argument("--warmup-epochs", dest="warmup_epochs", type=machinery.finite_float, help="override the warm-up")
+    parser.add_argument("--patch-size", dest="patch_size", type=machinery.positive_int, help="override the patch size")
+    parser.add_argument("--subset", type=machinery.positive_int, help="first N images of each set (quick checks)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file [benchmarks/results/time_to_accuracy_<recipe>.json]; the plot goes beside it")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if out.exists() and not args.overwrite:
         parser.error(f"{out} already holds results; choose another --out, or replace it with --overwrite")
     try:  # a recipe that cannot work ends in one line, naming the value (e.g. a warm-up longer than the run)
-        hf.check_training_arguments(**{k: recipe[k] for k in ("epochs", "batch_size", "lr", "warmup_epochs", "seed")})
+        machinery.check_training_arguments(**{k: recipe[k] for k in ("epochs", "batch_size", "lr", "warmup_epochs", "seed")})
     except ValueError as error:
         parser.error(str(error))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in seeds:
         report["runs"].append(run_seed(recipe, seed, args.compile))
         report["summary"] = summarise(report["runs"])
-        hf._atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), out)
+        machinery.atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), out)
     plot(report, out.with_suffix(".png"))
     s = report["summary"]
     print(f"last epoch test accuracy {100 * s['final_test_acc_mean']:.2f}% (mean of {s['seeds']} seeds, "

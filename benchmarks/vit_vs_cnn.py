@@ -31,6 +31,7 @@ import torch
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # helper_functions.py lives at the repository's top level
 import helper_functions as hf  # noqa: E402
+import machinery  # noqa: E402
 
 EPOCHS = {1000: 40, 5000: 12, 20000: 5, 60000: 3}  # fewer epochs for more digits
 MODELS = {"ViT": lambda: hf.vit_from_config("vit_mnist"), "CNN": hf.SmallCNN}
@@ -39,13 +40,13 @@ PERMUTATION_SEED = 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = hf.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = machinery.ArgumentParser(description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=hf.positive_int, nargs="+", default=list(EPOCHS),
+    parser.add_argument("--sizes", type=machinery.positive_int, nargs="+", default=list(EPOCHS),
                         help="numbers of training digits")
-    parser.add_argument("--epochs", type=hf.positive_int, nargs="+", default=None,
+    parser.add_argument("--epochs", type=machinery.positive_int, nargs="+", default=None,
                         help="epochs for each size, in the same order (default: 40 12 5 3 for 1k 5k 20k 60k)")
-    parser.add_argument("--seeds", type=hf.seed_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=machinery.seed_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=REPO_DIR / "benchmarks" / "results",
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     run.update(test_acc=round(test_acc, 4), seconds=round(time.perf_counter() - start, 1),
                                parameters=hf.count_parameters(model))
                     report["runs"].append(run)
-                    hf._atomic_write_bytes(json.dumps(report, indent=1).encode(), path)  # kept after every run
+                    machinery.atomic_write_bytes(json.dumps(report, indent=1).encode(), path)  # kept after every run
                     print(f"{model_name:<3} {variant:<15} {size:>6} digits {epochs:>3} epochs seed {seed}: "
                           f"test accuracy {test_acc:.4f} ({run['seconds']:.0f} s)", flush=True)
     wanted = {(m, v, s, e, seed) for seed in args.seeds for s, e in zip(args.sizes, args.epochs)

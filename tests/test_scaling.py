@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import helper_functions as hf
+import machinery
 import train
 from ddp_worker import TINY as WORKER_RECIPE
 
@@ -53,7 +54,7 @@ def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path
     run = hf.load_checkpoint(tmp_path / "a" / "vit_mnist.pth")
     assert run["processes"] == 2 and run["epoch"] == 3
     assert run["history"]["train_loss"][-1] < run["history"]["train_loss"][0]
-    digest = hf.weights_digest(hf.load_vit(tmp_path / "a" / "vit_mnist.pth"))
+    digest = machinery.weights_digest(hf.load_vit(tmp_path / "a" / "vit_mnist.pth"))
     assert f"weights identical in all 2 processes (sha256 {digest[:16]})" in straight, "the saved weights are theirs"
 
     # Stopped after epoch 1 and resumed, still with 2 processes: the same weights, bit for bit
@@ -99,9 +100,9 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, t
 
 
 def test_amp_runs_the_matrix_multiplies_in_bfloat16_and_still_learns(toy_vit, toy_loaders):
-    with hf.autocast("cpu", amp=True):
+    with machinery.mixed_precision("cpu", enabled=True):
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
-    with hf.autocast("cpu", amp=False):
+    with machinery.mixed_precision("cpu", enabled=False):
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
     hf.set_seeds(0)
     model = toy_vit()
@@ -117,8 +118,8 @@ def test_compiled_model_trains_like_the_eager_one_and_saves_the_same_keys(toy_vi
     eager = toy_vit()
     compiled_copy = toy_vit()
     compiled_copy.load_state_dict(eager.state_dict())
-    compiled = hf.parallelize(compiled_copy, "cpu", compile=True)
-    assert hf.unwrap(compiled) is compiled_copy
+    compiled = machinery.parallelize(compiled_copy, "cpu", compile=True)
+    assert machinery.unwrap(compiled) is compiled_copy
     images, labels = torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,))
     for model in (eager, compiled):
         model.eval()  # no dropout: the two runs must see the same network
@@ -126,4 +127,4 @@ def test_compiled_model_trains_like_the_eager_one_and_saves_the_same_keys(toy_vi
         nn.functional.cross_entropy(model(images), labels).backward()
         optimizer.step()
     assert torch.allclose(compiled(images), eager(images), atol=1e-5)
-    assert list(hf.unwrap(compiled).state_dict()) == list(eager.state_dict()), "no _orig_mod. prefixes"
+    assert list(machinery.unwrap(compiled).state_dict()) == list(eager.state_dict()), "no _orig_mod. prefixes"

@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 import helper_functions as hf
+import machinery
 import train_transferlearning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def offline(monkeypatch, tmp_path):
 
 def test_without_the_imagenet_weights_a_quick_message_says_how_to_get_them(offline, capsys, tmp_path):
     start = time.perf_counter()
-    with pytest.raises(hf.WeightsNotAvailableError) as error:
+    with pytest.raises(machinery.WeightsNotAvailableError) as error:
         hf.imagenet_vit()
     message = str(error.value)
     assert "https://download.pytorch.org/models/vit_b_16-c867db91.pth" in message
@@ -123,7 +124,7 @@ def test_without_the_imagenet_weights_a_quick_message_says_how_to_get_them(offli
 
 
 def test_a_missing_weights_file_says_how_to_get_one(tmp_path):
-    with pytest.raises(hf.WeightsNotAvailableError, match="no weights file at .*nowhere.pth"):
+    with pytest.raises(machinery.WeightsNotAvailableError, match="no weights file at .*nowhere.pth"):
         hf.imagenet_vit(tmp_path / "nowhere.pth")
 
 
