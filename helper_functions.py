@@ -20,6 +20,8 @@ checks), and from then on imports it.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import json
 import math
@@ -167,40 +169,15 @@ def evaluation_loader(data: Dataset, batch_size: int = 128, num_workers: int = 0
 
 
 class PatchEmbedding(nn.Module):
-    """Cut images into P x P patches and project each to D values: the x_p^i E of Eq. 1.
+    """The x_p E of Eq. 1: a Conv2d with kernel = stride = P applies the same (P*P*C -> D) matrix E to every P x P
+    patch; the einops pattern then lays the grid of patches out as a sequence, row by row."""
 
-    A Conv2d with kernel = stride = P applies the same (P*P*C -> D) matrix E to every patch; the einops pattern then
-    lays the patch grid out as a sequence, row by row.
-    """
-
-    def __init__(self, *, in_channels: int = 3, patch_size: int = 16,
-                 embedding_dim: int = 768) -> None:  # P, D: Table 1
+    def __init__(self, *, in_channels: int = 3, patch_size: int = 16, embedding_dim: int = 768) -> None:  # P, D
         super().__init__()
-        for name, size in dict(in_channels=in_channels, patch_size=patch_size, embedding_dim=embedding_dim).items():
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name} must be a positive integer, got {size!r}")
-        self.in_channels = in_channels
-        self.patch_size = patch_size
+        self.in_channels, self.patch_size = in_channels, patch_size
         self.projection = nn.Conv2d(in_channels, embedding_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4:
-            raise ValueError(f"expected a batch of images (batch, channels, height, width), got shape "
-                             f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
-        if not x.is_floating_point():
-            raise ValueError(f"expected float images, got {x.dtype}; scale them to float and normalise, e.g. "
-                             "(x.float() / 255 - mean) / std (transforms.ToTensor() and transforms.Normalize do both)")
-        _, channels, height, width = x.shape
-        if channels != self.in_channels and x.shape[-1] == self.in_channels:
-            raise ValueError(f"expected (batch, channels, height, width), got {tuple(x.shape)}, which looks "
-                             "channels-last; move the channels first with x.permute(0, 3, 1, 2)")
-        if channels != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} channel(s), got {channels}; convert the images "
-                             f"(e.g. x.repeat(1, 3, 1, 1) for greyscale -> RGB) or build the model with "
-                             f"in_channels={channels}")
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"image size {height}x{width} is not divisible by patch size {self.patch_size}; "
-                             f"resize the images or choose a patch size that divides both sides")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, channels, height, width)
         x = self.projection(x)  # (batch, embedding_dim, height / P, width / P)
         return rearrange(x, "b d h w -> b (h w) d")  # (batch, num_patches, embedding_dim)
 
@@ -229,21 +206,12 @@ class ImagePatches(nn.Module):
 
 class MultiHeadSelfAttention(nn.Module):
     """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with SA_i(z) = softmax(q_i k_i^T / sqrt(D_h)) v_i (Appendix A).
-
     One linear layer computes q, k and v for all heads at once (its weight is laid out [W_q; W_k; W_v], as in
-    ``nn.MultiheadAttention.in_proj_weight``); ``F.scaled_dot_product_attention`` does softmax(q k^T / sqrt(D_h)) v.
-    """
+    ``nn.MultiheadAttention.in_proj_weight``); ``F.scaled_dot_product_attention`` does softmax(q k^T / sqrt(D_h)) v."""
 
     def __init__(self, *, embedding_dim: int = 768, num_heads: int = 12, attn_dropout: float = 0.0) -> None:  # Table 1
         super().__init__()
-        for name, size in dict(embedding_dim=embedding_dim, num_heads=num_heads).items():
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name} must be a positive integer, got {size!r}")
-        if embedding_dim % num_heads:
-            raise ValueError(f"embedding_dim={embedding_dim} is not divisible by num_heads={num_heads}; each head "
-                             f"gets embedding_dim / num_heads values, so choose numbers that divide")
-        self.num_heads = num_heads
-        self.attn_dropout = attn_dropout
+        self.num_heads, self.attn_dropout = num_heads, attn_dropout
         self.qkv = nn.Linear(embedding_dim, 3 * embedding_dim)  # U_qkv of all heads: [W_q; W_k; W_v]
         self.out_proj = nn.Linear(embedding_dim, embedding_dim)  # U_msa
 
@@ -286,15 +254,10 @@ def batch_dependence(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 
 class MLPBlock(nn.Sequential):
-    """Two dense layers with a GELU between them (Sec. 3.1), dropout after each dense layer (Appendix B.1).
-
-    A Sequential, so its parameters are named 0.* and 3.* exactly as in torchvision's ViT.
-    """
+    """Two dense layers with a GELU between them (Sec. 3.1), dropout after each dense layer (Appendix B.1); a
+    Sequential, so its parameters are named 0.* and 3.* exactly as in torchvision's ViT."""
 
     def __init__(self, *, embedding_dim: int = 768, mlp_size: int = 3072, dropout: float = 0.1) -> None:  # Tables 1, 3
-        for name, size in dict(embedding_dim=embedding_dim, mlp_size=mlp_size).items():
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         super().__init__(
             nn.Linear(embedding_dim, mlp_size),  # 1. D -> MLP size
             nn.GELU(),  # 2.
@@ -315,8 +278,6 @@ class TransformerEncoderBlock(nn.Module):
     def __init__(self, *, embedding_dim: int = 768, num_heads: int = 12, mlp_size: int = 3072,  # Table 1 (ViT-Base)
                  dropout: float = 0.1, attn_dropout: float = 0.0, layer_norm_eps: float = 1e-6) -> None:
         super().__init__()
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:  # the parts check their other sizes
-            raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
         self.ln_1 = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)
         self.self_attention = MultiHeadSelfAttention(embedding_dim=embedding_dim, num_heads=num_heads,  # notebook 02
                                                      attn_dropout=attn_dropout)
@@ -343,15 +304,10 @@ def shared_parameters(model: nn.Module) -> list[list[str]]:
 
 
 class ViT(nn.Module):
-    """The Vision Transformer: z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos (Eq. 1), L encoder blocks (Eqs. 2-3),
-    y = LN(z_L^0) (Eq. 4) and the head.
-
-    The head is one linear layer (the paper's fine-tuning head), or with ``representation_size=R`` a hidden
-    ``Linear(D, R)`` + tanh before it (the pre-training head, Sec. 3.1; torchvision's ``heads.pre_logits``).
-    ``pool="cls"`` classifies from the class token (the paper's default); ``pool="mean"`` drops the class token and
-    averages the final tokens (global average pooling, Appendix D.3). Defaults: ViT-Base/16 (Table 1) with the
-    ImageNet dropout (Table 3). ``self.config`` holds every constructor argument, so a checkpoint can rebuild it.
-    """
+    """The Vision Transformer: Eq. 1's tokens z_0, L encoder blocks (Eqs. 2-3), y = LN(z_L^0) (Eq. 4) and the head:
+    one linear layer (the fine-tuning head) or, with ``representation_size=R``, ``Linear(D, R)`` + tanh before it (the
+    pre-training head, Sec. 3.1). ``pool="mean"`` averages the tokens instead of using a class token (Appendix D.3).
+    Defaults: ViT-Base/16 (Table 1), ImageNet dropout (Table 3). ``self.config`` holds every argument, to rebuild it."""
 
     def __init__(self, image_size: int = 224, in_channels: int = 3, patch_size: int = 16,  # 224 px, RGB, P = 16
                  num_layers: int = 12, num_heads: int = 12, embedding_dim: int = 768,  # L, k, D: Table 1 (Base)
@@ -359,38 +315,21 @@ class ViT(nn.Module):
                  embedding_dropout: float = 0.1, num_classes: int = 1000, pool: str = "cls",  # Appendix B.1
                  layer_norm_eps: float = 1e-6, representation_size: int | None = None) -> None:
         super().__init__()
-        sizes = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size, num_layers=num_layers,
-                     num_heads=num_heads, embedding_dim=embedding_dim, mlp_size=mlp_size, num_classes=num_classes)
-        if representation_size is not None:
-            sizes["representation_size"] = representation_size
-        for name, size in sizes.items():
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name} must be a positive integer, got {size!r}")
-        if pool not in {"cls", "mean"}:
-            raise ValueError(f"pool must be 'cls' (class token) or 'mean' (average of the tokens), got {pool!r}")
-        if image_size % patch_size:
-            raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}; "
-                             f"choose a patch size that divides the image size (e.g. 4, 7 or 14 for 28x28 MNIST)")
         self.config = dict(image_size=image_size, in_channels=in_channels, patch_size=patch_size,
                            num_layers=num_layers, num_heads=num_heads, embedding_dim=embedding_dim, mlp_size=mlp_size,
                            dropout=dropout, attn_dropout=attn_dropout, embedding_dropout=embedding_dropout,
                            num_classes=num_classes, pool=pool, layer_norm_eps=layer_norm_eps,
                            representation_size=representation_size)
-        self.image_size = image_size
-        self.pool = pool
-        num_patches = (image_size // patch_size) ** 2  # N = HW / P^2
-        num_tokens = num_patches + (pool == "cls")
-
+        self.image_size, self.pool = image_size, pool
+        num_tokens = (image_size // patch_size) ** 2 + (pool == "cls")  # N = HW / P^2 patches (+ the class token)
         self.patch_embedding = PatchEmbedding(in_channels=in_channels, patch_size=patch_size,  # notebook 01
                                               embedding_dim=embedding_dim)
         self.class_token = nn.Parameter(torch.zeros(1, 1, embedding_dim)) if pool == "cls" else None  # x_class
         self.position_embedding = nn.Parameter(torch.empty(1, num_tokens, embedding_dim).normal_(std=0.02))  # E_pos
         self.embedding_dropout = nn.Dropout(embedding_dropout)
-        self.encoder = nn.Sequential(*[  # notebook 04
-            TransformerEncoderBlock(embedding_dim=embedding_dim, num_heads=num_heads, mlp_size=mlp_size,
-                                    dropout=dropout, attn_dropout=attn_dropout, layer_norm_eps=layer_norm_eps)
-            for _ in range(num_layers)
-        ])
+        self.encoder = nn.Sequential(*[TransformerEncoderBlock(  # notebook 04: L blocks, each with its own weights
+            embedding_dim=embedding_dim, num_heads=num_heads, mlp_size=mlp_size, dropout=dropout,
+            attn_dropout=attn_dropout, layer_norm_eps=layer_norm_eps) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(embedding_dim, eps=layer_norm_eps)  # the LN of Eq. 4
         self.pre_logits = (nn.Identity() if representation_size is None  # pre-training head: Linear + tanh
                            else nn.Sequential(nn.Linear(embedding_dim, representation_size), nn.Tanh()))
@@ -398,15 +337,9 @@ class ViT(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 1: (batch, channels, height, width) -> (batch, num_tokens, embedding_dim)."""
-        if images.ndim == 4 and images.shape[1] == self.patch_embedding.in_channels and \
-                images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got "
-                             f"{images.shape[-2]}x{images.shape[-1]}; resize them (e.g. transforms.Resize"
-                             f"({self.image_size})) or build the model with image_size={images.shape[-1]}")
         x = self.patch_embedding(images)  # (batch, num_patches, embedding_dim)
-        if self.class_token is not None:
-            class_token = self.class_token.expand(x.shape[0], -1, -1)  # (batch, 1, embedding_dim)
-            x = torch.cat([class_token, x], dim=1)  # (batch, num_patches + 1, embedding_dim)
+        if self.class_token is not None:  # [x_class; x_p E]: (batch, num_patches + 1, embedding_dim)
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.embedding_dropout(x + self.position_embedding)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -417,6 +350,101 @@ class ViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.pre_logits(self.features(images)))  # (batch, num_classes)
+
+
+# Checks, in one place: every block checks its sizes when it is built, and the patch embedding and the ViT their images
+# when called, with errors that name the argument and the fix. Kept out of the classes, so that they read like the
+# equations; a notebook adds them to its own copies of the classes with add_checks.
+_SIZES = ("image_size", "in_channels", "patch_size", "num_layers", "num_heads", "embedding_dim", "mlp_size",
+          "num_classes", "representation_size")
+
+
+def _check_vit_arguments(**arguments: Any) -> None:
+    """Raise a ValueError naming the first argument of a ViT, or of one of its blocks, that cannot work."""
+    for name, size in arguments.items():
+        if name in _SIZES and not (name == "representation_size" and size is None) and \
+                (not isinstance(size, int) or size < 1):
+            raise ValueError(f"{name} must be a positive integer, got {size!r}")
+    if arguments.get("pool", "cls") not in {"cls", "mean"}:
+        raise ValueError(f"pool must be 'cls' (class token) or 'mean' (average of the tokens), got "
+                         f"{arguments['pool']!r}")
+    if "image_size" in arguments and arguments["image_size"] % arguments["patch_size"]:
+        raise ValueError(f"image_size={arguments['image_size']} is not divisible by patch_size="
+                         f"{arguments['patch_size']}; choose a patch size that divides the image size (e.g. 4, 7 or 14 "
+                         f"for 28x28 MNIST)")
+    if "num_heads" in arguments and arguments["embedding_dim"] % arguments["num_heads"]:
+        raise ValueError(f"embedding_dim={arguments['embedding_dim']} is not divisible by num_heads="
+                         f"{arguments['num_heads']}; each head gets embedding_dim / num_heads values, so choose "
+                         f"numbers that divide")
+
+
+def _check_images(patch_embedding: nn.Module, x: torch.Tensor) -> None:
+    """The patch embedding's input: a batch of float, channels-first images whose sides the patch size divides."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch of images (batch, channels, height, width), got shape "
+                         f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+    if not x.is_floating_point():
+        raise ValueError(f"expected float images, got {x.dtype}; scale them to float and normalise, e.g. "
+                         "(x.float() / 255 - mean) / std (transforms.ToTensor() and transforms.Normalize do both)")
+    _, channels, height, width = x.shape
+    in_channels, patch_size = patch_embedding.in_channels, patch_embedding.patch_size
+    if channels != in_channels and x.shape[-1] == in_channels:
+        raise ValueError(f"expected (batch, channels, height, width), got {tuple(x.shape)}, which looks "
+                         "channels-last; move the channels first with x.permute(0, 3, 1, 2)")
+    if channels != in_channels:
+        raise ValueError(f"expected {in_channels} channel(s), got {channels}; convert the images (e.g. "
+                         f"x.repeat(1, 3, 1, 1) for greyscale -> RGB) or build the model with in_channels={channels}")
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by patch size {patch_size}; "
+                         f"resize the images or choose a patch size that divides both sides")
+
+
+def _check_image_size(vit: nn.Module, images: torch.Tensor) -> None:
+    """The ViT's input: images of the size it was built for."""
+    if images.ndim == 4 and images.shape[1] == vit.patch_embedding.in_channels and \
+            images.shape[-2:] != (vit.image_size, vit.image_size):
+        raise ValueError(f"expected {vit.image_size}x{vit.image_size} images, got "
+                         f"{images.shape[-2]}x{images.shape[-1]}; resize them (e.g. transforms.Resize"
+                         f"({vit.image_size})) or build the model with image_size={images.shape[-1]}")
+
+
+_INPUT_CHECKS = {"PatchEmbedding": ("forward", _check_images), "ViT": ("embed", _check_image_size)}
+
+
+def _checked(method: Callable, check: Callable) -> Callable:
+    """``method``, calling ``check`` with the same arguments first."""
+    @functools.wraps(method)
+    def checked(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        check(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    checked.checked = True
+    return checked
+
+
+def add_checks(*classes: type) -> None:
+    """Make each class check its sizes when it is built, and ``PatchEmbedding`` and ``ViT`` their images when called,
+    with the errors of ``_check_vit_arguments`` and ``_check_images``; the class bodies stay as they are."""
+    for cls in classes:
+        if getattr(cls.__init__, "checked", False):  # checked already (or a subclass of a checked class)
+            continue
+        signature = inspect.signature(cls.__init__)
+
+        def check_arguments(self: nn.Module, *args: Any, _signature: inspect.Signature = signature, **kwargs: Any):
+            try:
+                bound = _signature.bind(self, *args, **kwargs)
+            except TypeError:
+                return  # a wrong call: __init__ itself says what is wrong with it
+            bound.apply_defaults()
+            _check_vit_arguments(**{name: value for name, value in bound.arguments.items() if name != "self"})
+
+        cls.__init__ = _checked(cls.__init__, check_arguments)
+        if cls.__name__ in _INPUT_CHECKS:
+            name, check = _INPUT_CHECKS[cls.__name__]
+            setattr(cls, name, _checked(getattr(cls, name), check))
+
+
+add_checks(PatchEmbedding, MultiHeadSelfAttention, MLPBlock, TransformerEncoderBlock, ViT)
 
 
 # Table 1 of the paper; image size 224 and patch size in the name, as in torchvision.
