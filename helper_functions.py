@@ -1,4 +1,4 @@
-"""Everything the notebooks build, in the order the notebooks build it; the plumbing no notebook teaches comes last.
+"""Everything the notebooks build, in the order the notebooks build it (``__all__`` below is the table of contents).
 
 0. Notebook 00, setup and data: seeds, the device, MNIST and Fashion-MNIST as torchvision datasets, DataLoaders.
 1-5. Notebooks 01-05, the model, equation by equation (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"):
@@ -12,8 +12,8 @@
 10. Notebook 10: a CNN of the same size as the MNIST ViT, pixel-shuffled digits.
 
 What no notebook teaches (several processes under torchrun, the offline download sources and their checksums, safe
-unpicklers, the scripts' command-line pieces, run locks, atomic writes, digests) is in machinery.py, which this module
-calls and learners never need to open.
+unpicklers, the scripts' command-line pieces, run locks, atomic writes, digests) is in machinery.py, and the drawing
+code of two figures in figures.py: this module calls them, and learners never need to open them.
 
 A notebook builds a piece from scratch in a cell that is, character for character, its definition here (a test
 checks), and from then on imports it.
@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from figures import draw_vit_architecture, plot_bug_vs_fix, plot_fix_sequences  # noqa: F401
 from machinery import (TORCHVISION_DATASETS, CheckpointError, DataNotAvailableError, RunExistsError,  # noqa: F401
                        WeightsNotAvailableError, atomic_write_bytes, check_training_arguments,
                        download_torchvision_weights, ensure_raw_files, hub_checkpoint_path, imagenet_weights_help,
@@ -47,6 +48,40 @@ from machinery import (TORCHVISION_DATASETS, CheckpointError, DataNotAvailableEr
                        progress_bar, rank, read_checkpoint, read_results_file, rng_states, run_lock, describe_run,
                        sealed_checkpoint, seed_per_process, set_rng_states, sum_across_processes, torch_load_checked,
                        torchvision_weights, unwrap, verify_raw_files, world_size)
+
+__all__ = [
+    # 0. Setup and data (notebook 00)
+    "REPO_DIR", "DATA_DIR", "RUNS_DIR", "set_seeds", "best_device", "MNIST_MEAN", "MNIST_STD", "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD", "get_mnist", "get_fashion_mnist", "make_dataloaders",
+    # 1-4. The parts of the model (notebooks 01-04)
+    "PatchEmbedding", "ImagePatches", "MultiHeadSelfAttention", "batch_dependence", "MLPBlock",
+    "TransformerEncoderBlock", "shared_parameters",
+    # 5. The Vision Transformer, its configurations and torchvision's weights (notebook 05)
+    "ViT", "add_checks", "VIT_CONFIGS", "PAPER_PARAMS", "vit_from_config", "count_parameters", "rename_torchvision_keys",
+    "load_torchvision_vit_weights", "IMAGENET_WEIGHTS", "torchvision_vit_checkpoint", "interpolate_position_embedding",
+    "resize_vit", "vit_shapes", "plot_vit_architecture",
+    # 6. The classic bugs and their detectors (notebook 06)
+    "LayerNormWithBugs", "TorchSelfAttention", "replace_layer_norms", "use_torch_attention",
+    "remove_position_embeddings", "remove_mlp_activations", "reinitialise_with_randn", "ViTMeanOfAllTokens",
+    "mean_of_all_tokens", "BUGS", "BLOG_FIX_ORDER", "vit_with_bugs", "initial_loss", "overfit_one_batch",
+    "gradient_norms", "gradient_reaching_patches", "max_abs_difference", "encoder_batch_dependence", "shuffle_patches",
+    "random_patch_permutation", "patch_order_sensitivity", "nonlinearity", "collapse_linear_stack", "tanh_saturation",
+    "plot_bug_vs_fix", "plot_fix_sequences",
+    # 7. Training on MNIST (notebook 07)
+    "tensor_dataset", "TRAINING_DATASETS", "get_tensor_datasets", "validation_indices", "validation_split",
+    "warmup_cosine_schedule", "adamw_with_schedule", "random_affine", "MNIST_RECIPE", "BEST_MNIST_RECIPE", "RECIPES",
+    "steps_per_epoch", "train_step", "test_step", "train", "TrainingSetup", "plot_loss_curves",
+    "predictions_and_labels", "confusion_matrix", "save_results", "load_results", "save_run", "save_model",
+    "load_checkpoint", "load_model", "get_trained_vit", "read_digit_image", "class_probabilities",
+    # 8. Inside a trained ViT (notebook 08)
+    "patch_embedding_components", "position_embedding_similarity", "attention_maps", "attention_rollout",
+    "class_token_attention_map", "mean_attention_distance",
+    # 9. Transfer learning (notebook 09)
+    "PRETRAIN_RECIPE", "TRANSFER_RECIPE", "balanced_subset", "replace_head", "freeze_backbone", "trainable_parameters",
+    "fine_tune", "imagenet_vit", "imagenet_normalisation", "imagenet_transform",
+    # 10. ViT against a CNN (notebook 10)
+    "SmallCNN", "pixel_permutation", "shuffle_pixels", "shuffled_dataset", "train_classifier",
+]
 
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"  # datasets land here (git-ignored), wherever a notebook or script runs from
@@ -78,7 +113,7 @@ def set_seeds(seed: int = 42, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-def get_device() -> torch.device:
+def best_device() -> torch.device:
     """The best device available: CUDA, then Apple's MPS, then the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -95,7 +130,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 
-def normalise_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
+def _normalise_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
     """Greyscale PIL image -> (1, height, width) float tensor, normalised with a training set's mean and std (MNIST's
     by default; Fashion-MNIST passes its own)."""
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
@@ -107,13 +142,13 @@ def get_mnist(root: str | Path = DATA_DIR, transform: Callable | None = None,
 
     ``transform`` defaults to ToTensor + Normalize(MNIST_MEAN, MNIST_STD); ``test_transform`` defaults to ``transform``.
     """
-    return _get_dataset("MNIST", root, transform or normalise_transform(MNIST_MEAN, MNIST_STD), test_transform)
+    return _get_dataset("MNIST", root, transform or _normalise_transform(MNIST_MEAN, MNIST_STD), test_transform)
 
 
 def get_fashion_mnist(root: str | Path = DATA_DIR, transform: Callable | None = None,
                       test_transform: Callable | None = None) -> tuple[Dataset, Dataset]:
     """Fashion-MNIST's 60,000 training and 10,000 test images as ``torchvision.datasets.FashionMNIST``."""
-    transform = transform or normalise_transform(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    transform = transform or _normalise_transform(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     return _get_dataset("FashionMNIST", root, transform, test_transform)
 
 
@@ -151,10 +186,10 @@ def make_dataloaders(train_data: Dataset, test_data: Dataset, batch_size: int = 
         generator = torch.Generator().manual_seed(seed)
         train_loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                   pin_memory=pin, generator=generator, persistent_workers=num_workers > 0)
-    return train_loader, evaluation_loader(test_data, batch_size, num_workers)
+    return train_loader, _evaluation_loader(test_data, batch_size, num_workers)
 
 
-def evaluation_loader(data: Dataset, batch_size: int = 128, num_workers: int = 0) -> DataLoader:
+def _evaluation_loader(data: Dataset, batch_size: int = 128, num_workers: int = 0) -> DataLoader:
     """An ordered loader for evaluating on ``data`` (a validation or a test set); under torchrun each process gets every
     N-th example, so that metrics summed across processes count each example once."""
     if world_size() > 1:
@@ -473,7 +508,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def torchvision_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def rename_torchvision_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the keys of a ``torchvision.models.VisionTransformer`` state dict to ours.
 
     conv_proj -> patch_embedding.projection, encoder.pos_embedding -> position_embedding,
@@ -507,7 +542,7 @@ def load_torchvision_vit_weights(model: ViT, source: nn.Module | dict[str, torch
         state_dict = torch_load_checked(source)
     else:
         state_dict = source
-    check_state_dict_fits(model, renamed := torchvision_to_ours(state_dict))
+    _check_state_dict_fits(model, renamed := rename_torchvision_keys(state_dict))
     model.load_state_dict(renamed)
     return model
 
@@ -528,7 +563,7 @@ def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = I
     return path if path.exists() else download_torchvision_weights(weights)
 
 
-def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+def _check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Raise a ValueError that names every missing, unexpected or differently shaped key."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -631,144 +666,10 @@ def vit_shapes(config: str | dict[str, Any] | ViT = "vit_mnist", batch: str = "b
 
 def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batch: str = "batch"):
     """The Vision Transformer drawn as the paper's Figure 1 draws it, with Eqs. 1-4 and the tensor shape after every
-    stage for ``config`` (a ``VIT_CONFIGS`` name, a dict of ``ViT`` arguments, or a model). Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
-
-    c, shape = _vit_arguments(config), vit_shapes(config, batch)
-    H, C, P, D, M = c["image_size"], c["in_channels"], c["patch_size"], c["embedding_dim"], c["mlp_size"]
-    L, k, K, side = c["num_layers"], c["num_heads"], c["num_classes"], c["image_size"] // c["patch_size"]
-    N, cls = side * side, c["pool"] == "cls"
-    colours = dict(patch="#cfe2f3", cls="#f9cb9c", pos="#d9d2e9", encoder="#eeeeee", norm="#fff2cc", msa="#d9ead3",
-                   mlp="#c9daf8", head="#f4cccc", add="#ffffff")
-
-    fig, ax = plt.subplots(figsize=(14, 8.4))
-    ax.set_xlim(0, 28)
-    ax.set_ylim(0, 16.8)
-    ax.set_aspect("equal")
-    ax.axis("off")
-
-    def box(x, y, w, h, text, colour, size=10.5, **kw):
-        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.15", fc=colour,
-                                    ec="#444444", lw=1.1, **kw))
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size)
-
-    def arrow(x0, y0, x1, y1, label=None, at=0.5):
-        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=12, color="#444444",
-                                     lw=1.1, shrinkA=0, shrinkB=0))
-        if label:
-            ax.text(max(x0, x1) + 0.25, y0 + at * (y1 - y0), label, ha="left", va="center", fontsize=9.5,
-                    family="monospace", color="#1a4f8a")
-
-    def tag(x, y, text):
-        ax.text(x, y, text, ha="left", va="center", fontsize=9.5, color="#990000", style="italic")
-
-    def residual(y_from, y_plus, y_tag, equation):  # the encoder block's (+) and the skip connection into it
-        ax.add_patch(plt.Circle((bcx, y_plus), 0.3, fc="white", ec="#444444", lw=1.1))
-        ax.text(bcx, y_plus, "+", ha="center", va="center", fontsize=13)
-        ax.plot([bcx, bx + bw + 0.8, bx + bw + 0.8], [y_from, y_from, y_plus], color="#444444", lw=1.1)
-        arrow(bx + bw + 0.8, y_plus, bcx + 0.3, y_plus)
-        tag(bx + bw + 1.05, y_tag, equation)
-
-    # Left: the whole model, bottom to top (as in the paper's Figure 1) -----------------------------------------------
-    x0, w = 0.6, 7.8  # the column of boxes
-    cx = x0 + w / 2
+    stage for ``config`` (a ``VIT_CONFIGS`` name, a dict of ``ViT`` arguments, or a model). Returns the figure; the
+    drawing itself is in figures.py."""
     name = f" ({config!r})" if isinstance(config, str) else ""
-    ax.text(cx, 16.35, f"Vision Transformer{name}", ha="center", va="center", fontsize=13, weight="bold")
-    # the image as a grid of P x P patches (at most 8 x 8 drawn)
-    drawn = min(side, 8)
-    cell = 1.6 / drawn
-    for i in range(drawn):
-        for j in range(drawn):
-            ax.add_patch(Rectangle((x0 + 0.2 + j * cell, 0.3 + i * cell), cell, cell, fc=colours["patch"],
-                                   ec="#444444", lw=0.8))
-    ax.text(x0 + 2.15, 1.1, f"image, {H}x{H} pixels, {C} channel{'s' if C > 1 else ''}\ncut into N = {N} patches of "
-            f"{P}x{P}", ha="left", va="center", fontsize=10.5)
-    arrow(cx, 2.0, cx, 2.7, shape["patches"] + r"  flattened patches $\mathbf{x}_p$")
-    box(x0, 2.7, w, 1.0, f"linear projection E: {P * P * C} -> {D} values per patch", colours["patch"])
-    tag(x0 + w + 0.15, 3.2, "Eq. 1")
-    arrow(cx, 3.7, cx, 4.4, shape["embedded"] + r"  $\mathbf{x}_p\mathbf{E}$")
-    # the tokens: class token, then the patches, each with its position embedding
-    ax.add_patch(FancyBboxPatch((x0, 4.4), w, 2.2, boxstyle="round,pad=0.02,rounding_size=0.15", fc="white",
-                                ec="#444444", lw=1.1))
-    shown = min(N, 16) + cls
-    step = (w - 0.6) / shown
-    for t in range(shown):
-        is_cls = cls and t == 0
-        label = "cls" if is_cls else ("..." if t == shown - 1 and N > 16 else str(t + (not cls)))
-        ax.add_patch(Rectangle((x0 + 0.3 + t * step, 5.35), step * 0.85, 0.55,
-                               fc=colours["cls" if is_cls else "patch"], ec="#444444", lw=0.7))
-        ax.add_patch(Rectangle((x0 + 0.3 + t * step, 4.6), step * 0.85, 0.55, fc=colours["pos"], ec="#444444",
-                               lw=0.7))
-        ax.text(x0 + 0.3 + (t + 0.425) * step, 4.875, label if label != "cls" else "0", ha="center", va="center",
-                fontsize=7)
-        ax.text(x0 + 0.3 + (t + 0.425) * step, 5.625, "*" if is_cls else "", ha="center", va="center", fontsize=8)
-    ax.text(cx, 6.2, (r"[class token $\mathbf{x}_{class}$ (*); the patches]" if cls else "the patches (no class token)")
-            + r" + positions $\mathbf{E}_{pos}$", ha="center", va="center", fontsize=10)
-    tag(x0 + w + 0.15, 5.4, "Eq. 1")
-    arrow(cx, 6.6, cx, 7.2, shape["tokens"] + r"  $\mathbf{z}_0$")
-    enc_y, enc_h = 7.2, 2.5
-    box(x0, enc_y, w, enc_h, f"Transformer encoder\nL = {L} blocks\n(the same block {L} times, each with\n"
-        f"its own weights: right)", colours["encoder"], size=10.5)
-    tag(x0 + w + 0.15, enc_y + enc_h / 2, "Eqs. 2-3")
-    arrow(cx, enc_y + enc_h, cx, 10.4, shape["tokens"] + r"  $\mathbf{z}_L$")
-    pooling = r"take token 0 ($\mathbf{z}_L^0$), then LayerNorm" if cls else "average the tokens, then LayerNorm"
-    box(x0, 10.4, w, 1.0, pooling, colours["norm"])
-    tag(x0 + w + 0.15, 10.9, "Eq. 4")
-    arrow(cx, 11.4, cx, 12.1, shape["y"] + r"  $\mathbf{y}$")
-    box(x0, 12.1, w, 1.0, f"head: Linear({c['representation_size'] or D} -> {K})" +
-        (f" after Linear({D} -> {c['representation_size']}) + tanh" if c["representation_size"] else ""),
-        colours["head"])
-    arrow(cx, 13.1, cx, 13.8, shape["logits"] + f"  scores for {K} classes")
-    ax.text(cx, 14.15, "class prediction", ha="center", va="center", fontsize=10.5)
-
-    # Right: one encoder block, bottom to top -----------------------------------------------------------------------
-    bx, bw = 14.2, 5.2
-    bcx = bx + bw / 2
-    ax.text(bcx + 0.4, 16.35, f"one encoder block (x {L})", ha="center", va="center", fontsize=13, weight="bold")
-    ax.add_patch(FancyBboxPatch((bx - 0.7, 1.2), bw + 2.9, 14.0, boxstyle="round,pad=0.02,rounding_size=0.3",
-                                fc="#f7f7f7", ec="#888888", lw=1.0, ls="--"))
-    for y in (enc_y, enc_y + enc_h):  # dashed lines from the encoder box to its zoom
-        ax.plot([x0 + w + 1.45, bx - 0.7], [y, 1.2 if y == enc_y else 15.2], color="#888888", lw=0.8, ls="--")
-    ax.text(bcx, 0.75, r"$\mathbf{z}_{\ell-1}$", ha="center", va="center", fontsize=11)
-    arrow(bcx, 1.0, bcx, 2.3, shape["tokens"], at=0.75)
-    box(bx, 2.3, bw, 0.9, "LayerNorm", colours["norm"])
-    arrow(bcx, 3.2, bcx, 3.9)
-    box(bx, 3.9, bw, 1.2, f"multi-head self-attention\nk = {k} heads of D/k = {D // k}", colours["msa"])
-    arrow(bcx, 5.1, bcx, 5.75)
-    residual(1.4, 6.05, 4.0, "Eq. 2")
-    arrow(bcx, 6.35, bcx, 7.6, shape["tokens"] + r"  $\mathbf{z}'_\ell$", at=0.72)
-    box(bx, 7.6, bw, 0.9, "LayerNorm", colours["norm"])
-    arrow(bcx, 8.5, bcx, 9.2)
-    box(bx, 9.2, bw, 1.9, f"MLP\nLinear({D} -> {M}), GELU\nLinear({M} -> {D})\n", colours["mlp"])
-    ax.text(bcx, 9.5, shape["mlp_hidden"] + " inside", ha="center", va="center", fontsize=8.5,
-            family="monospace", color="#1a4f8a")
-    arrow(bcx, 11.1, bcx, 11.95)
-    residual(6.6, 12.25, 9.6, "Eq. 3")
-    arrow(bcx, 12.55, bcx, 13.8, shape["tokens"] + r"  $\mathbf{z}_\ell$")
-    ax.text(bcx, 14.15, r"$\mathbf{z}_\ell$, to the next block", ha="center", va="center", fontsize=10.5)
-
-    # Far right: the equations --------------------------------------------------------------------------------------
-    ex = 22.4
-    ax.text(ex, 16.35, "the equations", ha="left", va="center", fontsize=13, weight="bold")
-    equations = [
-        ("Eq. 1", r"$\mathbf{z}_0 = [\mathbf{x}_{class};\,\mathbf{x}_p^1\mathbf{E};\,\ldots;\,"
-                  r"\mathbf{x}_p^N\mathbf{E}] + \mathbf{E}_{pos}$"),
-        ("Eq. 2", r"$\mathbf{z}'_\ell = \mathrm{MSA}(\mathrm{LN}(\mathbf{z}_{\ell-1})) + \mathbf{z}_{\ell-1}$"),
-        ("Eq. 3", r"$\mathbf{z}_\ell = \mathrm{MLP}(\mathrm{LN}(\mathbf{z}'_\ell)) + \mathbf{z}'_\ell$"),
-        ("Eq. 4", r"$\mathbf{y} = \mathrm{LN}(\mathbf{z}_L^0)$"),
-    ]
-    for i, (name, equation) in enumerate(equations):
-        ax.text(ex, 15.2 - i * 1.2, name, ha="left", va="center", fontsize=10, color="#990000", style="italic")
-        ax.text(ex, 14.7 - i * 1.2, equation, ha="left", va="center", fontsize=10.5)
-    notes = [f"N = HW / P^2 = {N} patches", f"D = {D} (hidden size)", f"L = {L} layers, k = {k} heads",
-             f"MLP size {M}"]
-    for i, note in enumerate(notes):
-        ax.text(ex, 9.6 - i * 0.55, note, ha="left", va="center", fontsize=10)
-    ax.text(ex, 6.9, "shapes: (batch, tokens, values)\nin blue, after each step", ha="left", va="center",
-            fontsize=9.5, color="#1a4f8a")
-    fig.tight_layout()
-    return fig
+    return draw_vit_architecture(_vit_arguments(config), vit_shapes(config, batch), name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -777,8 +678,8 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
 
 
 # Each bug is a small function that takes a correct model and swaps one part for its buggy twin, keeping the
-# weights (and the state-dict keys) it can; ``vit_with_bug`` builds a model with one injected. The detectors after
-# them are the checks a learner can run on any model of their own.
+# weights (and the state-dict keys) it can; ``vit_with_bugs`` builds a model with any of them injected. The detectors
+# after them are the checks a learner can run on any model of their own.
 class LayerNormWithBugs(nn.Module):
     """Layer normalisation written by hand, with the classic bugs selectable; ``bug=None`` equals ``nn.LayerNorm``.
 
@@ -876,7 +777,7 @@ def remove_mlp_activations(model: nn.Module) -> nn.Module:
     return model
 
 
-def randn_class_token(model: ViT) -> ViT:
+def reinitialise_with_randn(model: ViT) -> ViT:
     """The class token and E_pos drawn from N(0, 1) (``torch.randn``, as many from-scratch ViTs do) instead of zeros
     and N(0, 0.02^2): with plain SGD the class token then learns next to nothing (bug 6)."""
     with torch.no_grad():
@@ -915,7 +816,7 @@ BUGS: dict[str, Callable[[ViT], ViT]] = {
     "attention_batch_first_false": lambda model: use_torch_attention(model, batch_first=False),  # bug 3
     "no_position_embeddings": remove_position_embeddings,  # bug 4
     "mlp_without_activation": remove_mlp_activations,  # bug 5
-    "randn_class_token": randn_class_token,  # bug 6 (together with plain SGD)
+    "randn_class_token": reinitialise_with_randn,  # bug 6 (together with plain SGD)
 }
 
 
@@ -924,14 +825,9 @@ BLOG_FIX_ORDER = ("no_position_embeddings", "mlp_without_activation", "layer_nor
                   "attention_batch_first_false")
 
 
-def vit_with_bug(bug: str | None, config: str = "vit_mnist", **overrides: Any) -> ViT:
-    """``vit_from_config(config, **overrides)`` with one of ``BUGS`` injected; ``bug=None`` gives the correct model."""
-    return vit_with_bugs([bug] if bug else [], config, **overrides)
-
-
-def vit_with_bugs(bugs: list[str] | tuple[str, ...], config: str = "vit_mnist", **overrides: Any) -> ViT:
-    """``vit_from_config(config, **overrides)`` with every bug of ``bugs`` (names from ``BUGS``) injected."""
-    bugs = list(bugs)
+def vit_with_bugs(*bugs: str, config: str = "vit_mnist", **overrides: Any) -> ViT:
+    """``vit_from_config(config, **overrides)`` with each of ``bugs`` (names from ``BUGS``) injected, in order; none
+    gives the correct model."""
     unknown = [bug for bug in bugs if bug not in BUGS]
     if unknown:
         raise ValueError(f"unknown bug {unknown[0]!r}; choose from {sorted(BUGS)} or None")
@@ -1059,62 +955,6 @@ def tanh_saturation(model: ViT, images: torch.Tensor, threshold: float = 0.99) -
     return (hidden.abs() > threshold).float().mean().item()
 
 
-def plot_bug_vs_fix(runs: dict[str, dict[str, list[float]]], title: str | None = None, num_classes: int = 10):
-    """Training loss and test accuracy per epoch of several runs (label -> results of ``train``), with ln(C), the
-    loss of a model that has learned nothing, as a dashed line. Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for label, results in runs.items():
-        epochs = range(1, len(results["train_loss"]) + 1)
-        ax_loss.plot(epochs, results["train_loss"], marker="o", label=label)
-        ax_acc.plot(epochs, results["test_acc"], marker="o", label=label)
-    ax_loss.axhline(math.log(num_classes), color="grey", linestyle="--", label=f"ln({num_classes})")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # whole epochs
-    # One legend for both panels (the same colours), outside them so it hides no curve
-    fig.legend(*ax_loss.get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def plot_fix_sequences(sequences: dict[str, dict[str, dict[str, list[float]]]], title: str | None = None,
-                       num_classes: int = 10):
-    """Final training loss and test accuracy after each step of one or more sequences of fixes (sequence name ->
-    {step label -> results of ``train``}, in order), one line per sequence; on the loss panel each point is labelled
-    with its step (the first sequence's labels above its points, the next one's below). Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw=dict(width_ratios=[3, 2]))
-    labelled = set()
-    for k, (name, steps) in enumerate(sequences.items()):
-        losses = [results["train_loss"][-1] for results in steps.values()]
-        accuracies = [results["test_acc"][-1] for results in steps.values()]
-        line, = ax_loss.plot(range(len(steps)), losses, marker="o", label=name)
-        ax_acc.plot(range(len(steps)), accuracies, marker="o", label=name, color=line.get_color())
-        for x, (label, value) in enumerate(zip(steps, losses)):
-            if (x, label, value) not in labelled:  # a point both sequences share is labelled once
-                labelled.add((x, label, value))
-                ax_loss.annotate(label, (x, value), textcoords="offset points", xytext=(4, 7 if k % 2 == 0 else -13),
-                                 fontsize=7, color=line.get_color())
-        ax_loss.set_xlim(-0.3, len(steps) - 0.3 + 0.6)  # room for the last labels
-        for ax in (ax_loss, ax_acc):
-            ax.set_xticks(range(len(steps)))
-    ax_loss.axhline(math.log(num_classes), color="grey", linestyle="--", label=f"ln({num_classes})")
-    ax_loss.set(xlabel="fixes applied", ylabel="final training loss", title="training loss after the last epoch",
-                ylim=(0, math.log(num_classes) + 0.4))
-    ax_acc.set(xlabel="fixes applied", ylabel="test accuracy", title="test accuracy after the last epoch", ylim=(0, 1))
-    ax_loss.legend(fontsize=8, loc="lower left")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # 7. Training on MNIST (notebook 07): data as tensors, a validation split, the schedule, augmentation, the loop,
 # the engine every notebook and script trains with, results, checkpoints, predictions
@@ -1157,11 +997,11 @@ def get_tensor_datasets(name: str = "mnist", limit: int | None = None) -> tuple[
 
 
 # A validation set held out of the training set: what every per-epoch look and every choice is made on --------------
-VALIDATION_SEED = 0  # the split's own seed, apart from a run's seed: runs with different seeds hold out the same digits
+_VALIDATION_SEED = 0  # the split's own seed, apart from a run's: runs with different seeds hold out the same digits
 
 
 def validation_indices(num_examples: int, val_split: int,
-                       seed: int = VALIDATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+                       seed: int = _VALIDATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (training part, validation part) of a set of ``num_examples``: one fixed permutation, seeded, whose
     first ``val_split`` entries are held out; both parts sorted. The permutation has its own generator, so it is the
     same in every torchrun process and leaves the global random state alone. ``val_split=0`` holds out nothing."""
@@ -1172,9 +1012,9 @@ def validation_indices(num_examples: int, val_split: int,
     return order[val_split:].sort().values, order[:val_split].sort().values
 
 
-def take(dataset: Dataset, indices: torch.Tensor | Sequence[int]) -> Dataset:
-    """The examples of ``dataset`` at ``indices``: a TensorDataset of them for a TensorDataset (slices stay fast),
-    a ``Subset`` otherwise."""
+def _select(dataset: Dataset, indices: torch.Tensor | Sequence[int]) -> Dataset:
+    """The examples of ``dataset`` at ``indices``: a ``Subset``, or for a TensorDataset a TensorDataset of them, so that
+    a loader over it still slices tensors."""
     indices = torch.as_tensor(indices, dtype=torch.long)
     if isinstance(dataset, torch.utils.data.TensorDataset):
         return torch.utils.data.TensorDataset(*(tensor[indices] for tensor in dataset.tensors))
@@ -1182,11 +1022,11 @@ def take(dataset: Dataset, indices: torch.Tensor | Sequence[int]) -> Dataset:
 
 
 def validation_split(dataset: Dataset, val_split: int,
-                     seed: int = VALIDATION_SEED) -> tuple[Dataset, Dataset | None]:
+                     seed: int = _VALIDATION_SEED) -> tuple[Dataset, Dataset | None]:
     """``dataset`` split into (training part, validation part) by ``validation_indices``; with ``val_split=0``,
     ``(dataset, None)``. The training part keeps the original order (a training loader shuffles it anyway)."""
     train_idx, val_idx = validation_indices(len(dataset), val_split, seed)
-    return (dataset, None) if val_split == 0 else (take(dataset, train_idx), take(dataset, val_idx))
+    return (dataset, None) if val_split == 0 else (_select(dataset, train_idx), _select(dataset, val_idx))
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
@@ -1247,6 +1087,9 @@ BEST_MNIST_RECIPE: dict[str, Any] = {**MNIST_RECIPE, "epochs": 30, "patch_size":
                                      "warmup_epochs": 2, "val_split": 0}
 
 
+RECIPES: dict[str, dict[str, Any]] = {"notebook07": MNIST_RECIPE, "best": BEST_MNIST_RECIPE}  # train.py --recipe
+
+
 def steps_per_epoch(num_examples: int, batch_size: int, processes: int = 1) -> int:
     """Optimizer steps in one epoch: each process's share of the examples (``DistributedSampler`` rounds up), in
     batches (the last may be short)."""
@@ -1262,7 +1105,7 @@ def train_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module, opt
 
     ``scheduler``, if given, is stepped after every batch (warm-up and cosine schedules are per step); ``augment``, if
     given, transforms each batch of images on the device before the forward pass (e.g. ``random_affine``); ``amp`` runs
-    the forward pass in bfloat16 (see ``autocast``). A loss that is NaN or infinite stops the pass before it reaches
+    the forward pass in bfloat16 (``mixed_precision``). A loss that is NaN or infinite stops the pass before it reaches
     the weights, with a ``FloatingPointError`` naming the batch.
     """
     model.train()
@@ -1326,9 +1169,9 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
 
     With ``progress=True`` tqdm shows a bar over the epochs and one over each epoch's batches (widgets in Jupyter,
     text in a terminal), and one line of metrics is printed per epoch. ``on_epoch_end(epoch, results)``, if given, is
-    called after each epoch with its 1-based number and the results so far (train.py saves a checkpoint there).
+    called after each epoch with its 1-based number and the results so far.
     ``model`` goes to ``device`` (nothing moves if it is there already, as a ``TrainingSetup``'s is) and may be
-    wrapped by ``parallelize``; testing uses the model inside. ``amp``: see ``autocast``.
+    wrapped by ``parallelize``; testing uses the model inside. ``amp``: see ``mixed_precision``.
     """
     if split not in {"val", "test"}:
         raise ValueError(f"split must be 'val' (a validation set) or 'test', got {split!r}")
@@ -1342,7 +1185,7 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
                          f"train until), got {epochs!r}")
     model.to(device)
     sampler = train_dataloader.sampler
-    for epoch in progress_bar(range(done, epochs), progress, desc="epochs"):
+    for epoch in progress_bar(range(done, epochs), progress and epochs - done > 1, desc="epochs"):  # bar: 2+ epochs
         if isinstance(sampler, torch.utils.data.DistributedSampler):
             sampler.set_epoch(epoch)  # a new shuffle each epoch, the same in every process
         try:
@@ -1368,10 +1211,10 @@ class TrainingSetup:
     arguments override the model configuration (e.g. ``patch_size=4``).
 
     ``val_split`` training examples are held out (``validation_split``; 0, the default of a recipe that does not
-    name it, holds out none): ``train`` then evaluates on them after each epoch, and ``test`` reads the test set once,
-    at the end. ``val_indices`` (the held-out indices a checkpoint saved) rebuilds exactly that split when a run is
-    resumed. ``subset`` keeps the first N examples of the training part, of the validation set and of the test set.
-    The model is built on ``device`` and stays there; the optimizer is ``adamw_with_schedule``'s.
+    name it, holds out none): ``train`` then evaluates on them after each epoch, and ``add_final_test`` reads the test
+    set once, at the end. ``val_indices`` (the held-out indices a checkpoint saved) rebuilds exactly that split when a
+    run is resumed. ``subset`` keeps the first N examples of the training part, of the validation set and of the test
+    set. The model is built on ``device`` and stays there; the optimizer is ``adamw_with_schedule``'s.
     """
 
     def __init__(self, config: str = "vit_mnist", dataset: str = "mnist", epochs: int = 10, batch_size: int = 128,
@@ -1392,40 +1235,44 @@ class TrainingSetup:
             if len(self.val_indices) != val_split:
                 raise ValueError(f"val_indices holds {len(self.val_indices)} indices, but val_split is {val_split}")
             train_idx = torch.from_numpy(np.setdiff1d(np.arange(len(full_train)), self.val_indices.numpy()))
-        self.train_data = take(full_train, train_idx[:subset])
-        self.val_data = take(full_train, self.val_indices[:subset]) if val_split else None
-        self.test_data = take(self.test_data, torch.arange(len(self.test_data))[:subset])
+        self.train_data = _select(full_train, train_idx[:subset])
+        self.val_data = _select(full_train, self.val_indices[:subset]) if val_split else None
+        self.test_data = _select(self.test_data, torch.arange(len(self.test_data))[:subset])
         self.dataset, self.epochs = dataset, epochs
         _, self.mean, self.std = TRAINING_DATASETS[dataset]
         self.train_loader, self.test_loader = make_dataloaders(self.train_data, self.test_data, batch_size, seed=seed)
-        self.val_loader = evaluation_loader(self.val_data, batch_size) if self.val_data is not None else None
+        self.val_loader = _evaluation_loader(self.val_data, batch_size) if self.val_data is not None else None
         self.augment = random_affine if augment else None  # applied to each training batch
         self.device = torch.device(device)
         self.model = vit_from_config(config, **model_overrides).to(self.device)
         seed_per_process(seed)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         steps = len(self.train_loader)
-        if round(warmup_epochs * steps) >= epochs * steps:
-            raise ValueError(f"warmup_epochs={warmup_epochs} is {round(warmup_epochs * steps)} optimizer steps, but "
-                             f"the whole run is only {epochs * steps}; shorten the warm-up or train for longer")
         self.optimizer, self.scheduler = adamw_with_schedule(self.model.parameters(), lr, weight_decay,
                                                              epochs * steps, round(warmup_epochs * steps))
+        self._wrapped: dict[bool, nn.Module] = {}  # the model as it trains, by whether it is compiled
 
     def train(self, stop_after: int | None = None, results: dict[str, list[float]] | None = None,
               compile: bool = False, **kwargs: Any) -> dict[str, list[float]]:
         """``hf.train`` on this setup, until epoch ``stop_after`` of the ``epochs`` the schedule is planned for (all of
-        them by default), continuing ``results`` if given (a resumed run's history); the model ``parallelize``d
-        (DistributedDataParallel under torchrun, ``torch.compile`` if asked). Each epoch is evaluated on the
-        validation set (``val_loss``, ``val_acc``), or, without one, on the test set (``test_loss``, ``test_acc``)."""
+        them by default), continuing ``results`` if given (a run's history so far, e.g. a resumed run's); the model
+        ``parallelize``d once (DistributedDataParallel under torchrun, ``torch.compile`` if asked). Each epoch is
+        evaluated on the validation set (``val_loss``, ``val_acc``), or, without one, on the test set."""
+        if compile not in self._wrapped:
+            self._wrapped[compile] = parallelize(self.model, self.device, compile)
         held_out = ("val", self.val_loader) if self.val_loader is not None else ("test", self.test_loader)
-        return train(parallelize(self.model, self.device, compile), self.train_loader, held_out[1], self.optimizer,
-                     self.loss_fn, stop_after or self.epochs, self.device, self.scheduler, self.augment, results,
+        return train(self._wrapped[compile], self.train_loader, held_out[1], self.optimizer, self.loss_fn,
+                     stop_after or self.epochs, self.device, self.scheduler, self.augment, results,
                      split=held_out[0], **kwargs)
 
-    def test(self, amp: bool = False) -> dict[str, float]:
-        """The trained model on the test set, once: ``{"test_loss", "test_acc"}`` (a collective call under torchrun)."""
-        loss, accuracy = test_step(unwrap(self.model), self.test_loader, self.loss_fn, self.device, amp=amp)
-        return {"test_loss": float(loss), "test_acc": float(accuracy)}
+    def test(self, amp: bool = False) -> tuple[float, float]:
+        """(loss, accuracy) of the model on the test set, now (a collective call under torchrun)."""
+        return test_step(unwrap(self.model), self.test_loader, self.loss_fn, self.device, amp=amp)
+
+    def add_final_test(self, results: dict[str, Any], amp: bool = False) -> dict[str, Any]:
+        """A finished run's ``results`` with the test set's score after the last epoch, ``final_test_loss`` and
+        ``final_test_acc``: read once now, or, in a run without a validation set, the last epoch's own test."""
+        return _add_final_test(results, lambda: self.test(amp))
 
     def _shuffle_generator(self) -> torch.Generator | None:
         return self.train_loader.generator  # None under torchrun
@@ -1455,17 +1302,16 @@ def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | 
     the path of a saved results file (.json or .pkl). Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    if isinstance(results, (str, Path)):
-        results = load_results(results)
+    results = load_results(results) if isinstance(results, (str, Path)) else _current_format(results)
     epochs = range(1, len(results["train_loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
         for split in ("train", "val", "test"):
-            values = results.get(f"{split}_{metric}")
-            if isinstance(values, (int, float)):  # the test set, read once at the end
-                ax.plot([len(epochs)], [values], marker="*", markersize=12, ls="", label="test (once, at the end)")
-            elif values is not None:
-                ax.plot(epochs, values, marker="o", label={"val": "validation"}.get(split, split))
+            if f"{split}_{metric}" in results:
+                ax.plot(epochs, results[f"{split}_{metric}"], marker="o", label={"val": "validation"}.get(split, split))
+        if f"final_test_{metric}" in results and "test_acc" not in results:  # the test set, read once at the end
+            ax.plot([len(epochs)], [results[f"final_test_{metric}"]], marker="*", markersize=12, ls="",
+                    label="test (once, at the end)")
         ax.set_xlabel("epoch")
         ax.set_title({"loss": "loss", "acc": "accuracy"}[metric])
         ax.legend()
@@ -1476,8 +1322,8 @@ def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | 
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, dataloader: DataLoader,
-            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predictions_and_labels(model: nn.Module, dataloader: DataLoader,
+                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true labels of every example in ``dataloader``, in its order: two (N,) tensors."""
     model.eval().to(device)
     predictions, targets = [], []
@@ -1493,8 +1339,28 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return counts.reshape(num_classes, num_classes)
 
 
+# A run's results: per epoch, lists named by what was measured (train_*, val_* or test_*); once a run is finished,
+# final_test_loss and final_test_acc, two numbers: the test set's score after the last epoch.
+def _add_final_test(results: dict[str, Any], test: Callable[[], tuple[float, float]]) -> dict[str, Any]:
+    """``results`` with ``final_test_*`` added: the last epoch's test numbers where every epoch was tested, else
+    ``test()`` (the test set, read once)."""
+    if "final_test_acc" not in results:
+        loss, accuracy = (results["test_loss"][-1], results["test_acc"][-1]) if "test_acc" in results else test()
+        results.update(final_test_loss=float(loss), final_test_acc=float(accuracy))
+    return results
+
+
+def _current_format(results: dict[str, Any]) -> dict[str, Any]:
+    """Results saved before the final test score had its own name (a number as ``test_loss``, ``test_acc``) in
+    today's format."""
+    if not isinstance(results.get("test_acc"), (int, float)):
+        return results
+    renamed = {key: value for key, value in results.items() if key not in {"test_loss", "test_acc"}}
+    return {**renamed, "final_test_loss": results["test_loss"], "final_test_acc": results["test_acc"]}
+
+
 def _plain_results(results: dict[str, Any]) -> dict[str, Any]:
-    """``results`` as plain floats: lists per epoch, and single numbers (a final ``test_loss`` and ``test_acc``)."""
+    """``results`` as plain floats: lists per epoch, and single numbers (``final_test_loss``, ``final_test_acc``)."""
     return {key: float(value) if isinstance(value, (int, float, np.number)) else [float(x) for x in value]
             for key, value in results.items()}
 
@@ -1509,8 +1375,9 @@ def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: 
     return path
 
 
-def load_results(path: str | Path) -> dict[str, list[float]]:
-    """Read results saved by ``save_results``: the JSON file, or a .pkl (read without running any code)."""
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read results saved by ``save_results``: the JSON file, or a .pkl (read without running any code); results saved
+    before ``final_test_acc`` had its name come in today's format."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results file at {path}; train first (python train.py) or check the path")
@@ -1523,7 +1390,7 @@ def load_results(path: str | Path) -> dict[str, list[float]]:
     if not isinstance(results, dict) or "train_loss" not in results or not {"test_loss", "val_loss"} & set(results):
         raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc and val_loss, "
                          f"val_acc or test_loss, test_acc")
-    return results
+    return _current_format(results)
 
 
 def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | Path, name: str = "vit",
@@ -1570,40 +1437,42 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
     return read_checkpoint(path, verify)
 
 
-def load_model(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights saved by ``save_model`` into ``model``; a clear error if the file is missing, foreign, damaged,
-    or does not fit the model (every differing key and shape is named)."""
-    state_dict = load_checkpoint(path)["state_dict"]
-    check_state_dict_fits(model, state_dict)
-    model.load_state_dict(state_dict)
-    return model
-
-
-def load_vit(path: str | Path) -> ViT:
-    """Rebuild a ViT from a checkpoint's saved config and load its weights."""
-    checkpoint = load_checkpoint(path)
-    if not checkpoint.get("config"):
-        raise ValueError(f"{path} holds no model config; build the model yourself and call load_model(model, path)")
-    model = ViT(**checkpoint["config"])
-    check_state_dict_fits(model, checkpoint["state_dict"])
+def load_model(source: str | Path | dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """The model ``save_model`` saved, from its file ``source`` (or the dict ``load_checkpoint`` read from it): a ViT
+    rebuilt from the saved config, or, given ``model``, the weights loaded into it. Clear errors if the file is
+    missing, foreign or damaged, or if the weights do not fit (every differing key and shape is named)."""
+    if isinstance(source, nn.Module):
+        raise TypeError("load_model(path, model=None) takes the path first, then the model to load it into")
+    checkpoint = source if isinstance(source, dict) else load_checkpoint(source)
+    if model is None:
+        if not checkpoint.get("config"):
+            raise ValueError(f"{source if not isinstance(source, dict) else 'the checkpoint'} holds no model config; "
+                             f"build the model yourself and call load_model(path, model)")
+        model = ViT(**checkpoint["config"])
+    _check_state_dict_fits(model, checkpoint["state_dict"])
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
 
-def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = False, progress: bool = True,
-                    device: torch.device | str | None = None) -> tuple[ViT, dict[str, list[float]]]:
-    """A ViT trained with ``recipe`` (``TrainingSetup``'s arguments) and its results: loaded from ``path`` if it holds
-    a finished run of exactly this recipe, otherwise trained on ``device`` (default ``get_device()``: a GPU if there
-    is one, or a few minutes on a CPU) and saved there with ``save_run``. A different run already at ``path`` is never replaced unless ``retrain=True``.
-    The model is returned in eval mode, on the CPU."""
+def get_trained_vit(recipe: dict[str, Any] = MNIST_RECIPE, path: str | Path | None = None, retrain: bool = False,
+                    progress: bool = True, device: torch.device | str | None = None) -> tuple[ViT, dict[str, Any]]:
+    """A ViT trained with ``recipe`` (``TrainingSetup``'s arguments; notebook 07's by default) and its results: loaded
+    from ``path`` if it holds a finished run of exactly this recipe, otherwise trained on ``device`` (default
+    ``best_device()``: a GPU if there is one, or a few minutes on a CPU) and saved there with ``save_run``. ``path``
+    defaults to ``runs/notebook07_vit_mnist.pth`` for ``MNIST_RECIPE`` (where notebook 07 saves its run), else to
+    ``runs/vit_<dataset>_pretrained.pth`` (notebook 09's ``PRETRAIN_RECIPE``). A different run already at ``path`` is
+    never replaced unless ``retrain=True``. The model is returned in eval mode, on the CPU."""
+    if path is None:
+        dataset = recipe["dataset"].replace("-", "_")
+        path = RUNS_DIR / ("notebook07_vit_mnist.pth" if recipe == MNIST_RECIPE else f"vit_{dataset}_pretrained.pth")
     path = Path(path)
     if path.exists() and not retrain:
         checkpoint = load_checkpoint(path)
         saved = checkpoint.get("recipe")
         finished = checkpoint.get("epoch", recipe.get("epochs")) == recipe.get("epochs")
         if saved == recipe and finished:
-            model = load_vit(path).eval()
-            return model, checkpoint.get("history") or load_results(path.with_suffix(".json"))
+            results = _current_format(checkpoint.get("history") or load_results(path.with_suffix(".json")))
+            return load_model(checkpoint).eval(), _add_final_test(results, test=lambda: None)
         differ = sorted(k for k in {*(saved or {}), *recipe} if (saved or {}).get(k) != recipe.get(k))
         why = f"its recipe differs in {', '.join(differ)}" if saved and differ else \
             "it was stopped before its last epoch" if saved else "it saved no recipe"
@@ -1611,23 +1480,13 @@ def get_trained_vit(recipe: dict[str, Any], path: str | Path, retrain: bool = Fa
                              f"with a run of this recipe, or another path to keep both")
     path.parent.mkdir(parents=True, exist_ok=True)
     with run_lock(path):  # one writer: another process training the same path is refused
-        setup = TrainingSetup(**recipe, device=get_device() if device is None else device)
-        results = setup.train(progress=progress and is_main_process())  # under torchrun, all train
-        if setup.val_loader is not None:
-            results.update(setup.test())  # the test set, read once, after the last epoch
+        setup = TrainingSetup(**recipe, device=best_device() if device is None else device)
+        results = setup.add_final_test(setup.train(progress=progress and is_main_process()))  # all processes train
         model = setup.model.cpu()
         if is_main_process():
             save_run(model, results, path.parent, name=path.stem, dataset=recipe["dataset"], mean=setup.mean,
                      std=setup.std, recipe=recipe, val_indices=setup.val_indices)
     return model.eval(), results
-
-
-def get_trained_mnist_vit(path: str | Path | None = None, retrain: bool = False, progress: bool = True,
-                          device: torch.device | str | None = None) -> tuple[ViT, dict[str, list[float]]]:
-    """The ViT of notebook 07 (``MNIST_RECIPE``) and its results, from ``path`` (default ``RUNS_DIR /
-    "notebook07_vit_mnist.pth"``, where notebook 07 saves it) or trained and saved there: see ``get_trained_vit``."""
-    path = path if path is not None else RUNS_DIR / "notebook07_vit_mnist.pth"
-    return get_trained_vit(MNIST_RECIPE, path, retrain, progress, device)
 
 
 # Your own digit: any image file prepared the way MNIST's digits were -------------------------------------------------
@@ -1647,7 +1506,7 @@ def _read_image(path: str | Path):
                          f"({error})") from None
 
 
-def mnist_style(path: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
+def read_digit_image(path: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
     """An image file (PNG or JPEG, any size, colour or grey, light or dark background, transparent or not) prepared
     the way MNIST's digits were: (1, 28, 28), light ink on black, normalised with ``mean`` and ``std``.
 
@@ -1695,19 +1554,15 @@ def mnist_style(path: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_S
 
 
 @torch.inference_mode()
-def predict_image(model: nn.Module | str | Path, path: str | Path, mean: float | None = None,
-                  std: float | None = None) -> torch.Tensor:
+def class_probabilities(model: nn.Module, path: str | Path, mean: float = MNIST_MEAN,
+                        std: float = MNIST_STD) -> torch.Tensor:
     """The class probabilities, (num_classes,), that ``model`` gives the image file at ``path``, prepared by
-    ``mnist_style``. ``model`` is a model or the path of a checkpoint written by ``save_model`` (its saved mean and
-    std are then used); otherwise ``mean`` and ``std`` default to MNIST's."""
-    if isinstance(model, (str, Path)):
-        checkpoint = load_checkpoint(model)
-        mean = checkpoint.get("mean", MNIST_MEAN) if mean is None else mean
-        std = checkpoint.get("std", MNIST_STD) if std is None else std
-        model = load_vit(model)
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a model or the path of a saved one, got {type(model).__name__}")
-    image = mnist_style(path, MNIST_MEAN if mean is None else mean, MNIST_STD if std is None else std)
+    ``read_digit_image`` with the training set's ``mean`` and ``std`` (MNIST's by default; a checkpoint saves its own:
+    ``load_checkpoint(path)["mean"]``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a model (load a saved one with hf.load_model(path)), got "
+                        f"{type(model).__name__}")
+    image = read_digit_image(path, mean, std)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -1832,17 +1687,6 @@ TRANSFER_RECIPE: dict[str, Any] = dict(num_labels=500, epochs=30, batch_size=25,
                                        lr=dict(finetune=3e-3, probe=1e-1, scratch=3e-3, scratch_zero_head=1e-3))
 
 
-def get_pretrained_vit(path: str | Path | None = None, recipe: dict[str, Any] | None = None, retrain: bool = False,
-                       progress: bool = True, device: torch.device | str | None = None
-                       ) -> tuple[ViT, dict[str, list[float]]]:
-    """A ViT trained with ``recipe`` (default ``PRETRAIN_RECIPE``: notebook 07's model on Fashion-MNIST) and its
-    results, from ``path`` (default ``RUNS_DIR / "vit_<dataset>_pretrained.pth"``) or trained and saved there: see
-    ``get_trained_vit``."""
-    recipe = PRETRAIN_RECIPE if recipe is None else recipe
-    path = Path(path) if path is not None else RUNS_DIR / f"vit_{recipe['dataset'].replace('-', '_')}_pretrained.pth"
-    return get_trained_vit(recipe, path, retrain, progress, device)
-
-
 def balanced_subset(dataset: Dataset, num_labels: int, num_classes: int = 10,
                     seed: int = 42) -> torch.utils.data.Subset:
     """``num_labels`` examples of ``dataset``, ``num_labels / num_classes`` of each class, drawn at random (seeded):
@@ -1870,7 +1714,7 @@ def _labels(dataset: Dataset) -> torch.Tensor:
     return torch.as_tensor(dataset.targets if hasattr(dataset, "targets") else dataset.tensors[1])
 
 
-def new_head(model: ViT, num_classes: int) -> ViT:
+def replace_head(model: ViT, num_classes: int) -> ViT:
     """Replace ``model``'s head with a zero-initialised D x K linear layer, K = ``num_classes`` (Sec. 3.2), and record
     K in ``model.config`` so that a saved checkpoint rebuilds the new model."""
     model.head = nn.Linear(model.head.in_features, num_classes)  # (D,) -> (K,)
@@ -1901,16 +1745,16 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset | None, 
     the warm-up + cosine schedule, through the shared engine ``train``; returns its results.
 
     With ``val_data``, each epoch is evaluated on it (``val_loss``, ``val_acc``) and ``test_data`` is read once, after
-    the last epoch (``test_loss``, ``test_acc``: two numbers; ``test_data=None`` skips it). Without, each epoch is
-    evaluated on ``test_data``.
+    the last epoch; without, each epoch is evaluated on ``test_data``. Either way the results end with the test score
+    after the last epoch, ``final_test_loss`` and ``final_test_acc`` (``test_data=None`` skips them).
 
     The same call trains a freshly initialised model, so from-scratch, linear-probe and fine-tuning runs differ only in
-    the model they are given (and the learning rate). It trains on ``device`` (default ``get_device()``), where the
+    the model they are given (and the learning rate). It trains on ``device`` (default ``best_device()``), where the
     model stays. Under torchrun it trains data-parallel (see ``parallelize``).
     """
     params = trainable_parameters(model)
     if not params:
-        raise ValueError("the model has no trainable parameters (everything is frozen); call new_head(model, K) to "
+        raise ValueError("the model has no trainable parameters (everything is frozen); call replace_head(model, K) to "
                          "add a trainable head, or model.requires_grad_(True)")
     if val_data is None and test_data is None:
         raise ValueError("fine_tune needs test_data or val_data to evaluate on; pass at least one")
@@ -1921,14 +1765,13 @@ def fine_tune(model: nn.Module, train_data: Dataset, test_data: Dataset | None, 
     optimizer, scheduler = adamw_with_schedule(params, lr, weight_decay, epochs * steps_per_epoch,
                                                round(warmup_epochs * steps_per_epoch))
     seed_per_process(seed)
-    device = get_device() if device is None else device
+    device = best_device() if device is None else device
     results = train(parallelize(model, device, compile), train_loader, held_out_loader, optimizer,
                     nn.CrossEntropyLoss(), epochs, device, scheduler, progress=progress, amp=amp,
                     split="val" if val_data is not None else "test")
-    if val_data is not None and test_data is not None:  # the test set, read once, after the last epoch
-        loss, accuracy = test_step(unwrap(model), evaluation_loader(test_data, batch_size), nn.CrossEntropyLoss(),
-                                   device, amp=amp)
-        results.update(test_loss=float(loss), test_acc=float(accuracy))
+    if test_data is not None:  # the test set, read once, after the last epoch (or the last epoch's own test)
+        _add_final_test(results, lambda: test_step(unwrap(model), _evaluation_loader(test_data, batch_size),
+                                                   nn.CrossEntropyLoss(), device, amp=amp))
     return results
 
 
@@ -1949,7 +1792,7 @@ def imagenet_vit(weights_path: str | Path | None = None, num_classes: int = 10, 
     # torchvision's vit_b_16 trains without dropout (dropout=0.0); with it off too, a frozen backbone is deterministic
     model = vit_from_config("vit_b_16", dropout=0.0, embedding_dropout=0.0)
     load_torchvision_vit_weights(model, weights_path)
-    new_head(model, num_classes)
+    replace_head(model, num_classes)
     return freeze_backbone(model) if freeze else model
 
 
@@ -2022,13 +1865,6 @@ def shuffled_dataset(dataset: torch.utils.data.TensorDataset,
     """A TensorDataset of images with their pixels shuffled by ``permutation``, labels unchanged."""
     images, labels = dataset.tensors
     return torch.utils.data.TensorDataset(shuffle_pixels(images, permutation), labels)
-
-
-def first_examples(dataset: torch.utils.data.TensorDataset, n: int) -> torch.utils.data.TensorDataset:
-    """The first ``n`` examples of a TensorDataset (MNIST's first thousands hold every digit about equally)."""
-    if not 0 < n <= len(dataset):
-        raise ValueError(f"n={n} must be between 1 and the dataset's {len(dataset)} examples")
-    return torch.utils.data.TensorDataset(*(tensor[:n] for tensor in dataset.tensors))
 
 
 def train_classifier(model: nn.Module, train_data: Dataset, test_data: Dataset, epochs: int, batch_size: int = 128,

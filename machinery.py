@@ -1164,24 +1164,29 @@ def _refuse_locked(path: Path, lock: Path, holder: int | None) -> None:
 
 
 @contextlib.contextmanager
-def script_run(parser: argparse.ArgumentParser, path: str | Path, device: str = "auto",
-               check: Callable[[], Any] = lambda: None, overwrite: bool = False, resume: bool = False,
-               resumable: bool = True):
+def script_run(parser: argparse.ArgumentParser, out_dir: str | Path, name: str, device: str = "auto",
+               overwrite: bool = False, resume: bool = False, resumable: bool = True,
+               check: Callable[[], Any] = lambda: None):
     """What a training script runs inside, so that its own code is the recipe; yields the device to train on.
 
-    First every flag is checked (the run's name, ``--device``, then the script's own ``check``) and the run's folder
-    is made writable, before any data is loaded. Then the run is locked (``run_lock``: one writer per name), torchrun's
-    process group is joined (each process on its own GPU) and a new run refuses to replace a saved one unless
-    ``overwrite`` (a ``resume``d run continues the one at ``path``). Whatever ends the block early ends the script in
-    one line (``command_line_errors``): exit code 2 for a setting that cannot work, 1 for a failure, 130 for Ctrl-C
-    and 143 for SIGTERM, saying what ``path`` holds (``resumable``: whether the script can continue it).
+    First every flag is checked (``--name``, ``--device``, ``--resume``, then the script's own ``check``) and
+    ``out_dir`` is made writable, before any data is loaded. Then the run ``<out_dir>/<name>.pth`` is locked
+    (``run_lock``: one writer per name), torchrun's process group is joined (each process on its own GPU) and a new run
+    refuses to replace a saved one unless ``overwrite`` (a ``resume``d run continues it). Whatever ends the block early
+    ends the script in one line (``command_line_errors``): exit code 2 for a setting that cannot work, 1 for a failure,
+    130 for Ctrl-C and 143 for SIGTERM, saying what the run's checkpoint holds (``resumable``: whether the script can
+    continue it).
     """
-    path = Path(path)
+    path = Path(out_dir) / f"{name}.pth"
     with command_line_errors(parser, interrupted=lambda: interrupted_run(path, resumable)):
-        check_run_name(path.stem)
+        check_run_name(name)
         device_from_flag(device)
+        if resume and overwrite:
+            raise UsageError("--resume continues the saved run and --overwrite replaces it; choose one")
+        if resume and not path.exists():
+            raise UsageError(f"--resume: no run saved at {path}; check --out-dir and --name, or leave out --resume")
         check()
-        check_output_folder(path.parent)
+        check_output_folder(out_dir)
         with run_lock(path):
             device = init_distributed(device_from_flag(device))
             try:
@@ -1192,10 +1197,37 @@ def script_run(parser: argparse.ArgumentParser, path: str | Path, device: str = 
                 cleanup_distributed()
 
 
-@contextlib.contextmanager
-def training_device(name: str | torch.device = "auto"):  # TEMPORARY: until the scripts use script_run
-    device = init_distributed(device_from_flag(name))
+def check_stop_after(stop_after: int | None, epochs: int, done: int, path: Path) -> None:
+    """``--stop-after``, of a new run (``done=0``) or a resumed one: within the run, after the epochs trained."""
+    if (stop_after or epochs) > epochs:
+        raise UsageError(f"--stop-after {stop_after} is beyond --epochs {epochs}")
+    if done >= (stop_after or epochs):
+        raise UsageError(f"{path} has already trained {done} of {epochs} epochs; nothing to do (a longer run needs "
+                         f"another --name)")
+
+
+def checkpoint_to_resume(path: Path, given: dict[str, Any], flag: Callable[[str], str],
+                         stop_after: int | None = None) -> dict[str, Any]:
+    """The checkpoint ``--resume`` continues: written by a training script, with the settings ``given`` on the command
+    line (``flag`` names each) the same as the saved ones, resumed by as many processes as trained it, and with epochs
+    left to train before ``stop_after``."""
     try:
-        yield device
-    finally:
-        cleanup_distributed()
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as error:
+        fix = str(error).replace("restore a copy or train again", "restore a copy, or start it again with --overwrite")
+        raise CheckpointError(f"--resume: {fix}", error.reason) from None
+    if "train_state" not in checkpoint or "recipe" not in checkpoint:
+        raise UsageError(f"--resume: {path} holds weights but no training state (it was not written by a training "
+                         f"script); choose another --name for a new run")
+    clashes = [f"{flag(k)} {v} (saved: {checkpoint['recipe'].get(k)})" for k, v in given.items()
+               if checkpoint["recipe"].get(k) != v]
+    if clashes:
+        raise UsageError(f"--resume continues the saved run with its own settings, but these differ: "
+                         f"{', '.join(clashes)}. Leave them out, or start a new run with another --name")
+    saved, now = checkpoint.get("processes", 1), launched_processes()
+    if saved != now:
+        raise UsageError(f"--resume: {path} was trained by {saved} process(es) and this is {now}; the schedule and the "
+                         f"random states are per process, so resume it with "
+                         + ("plain python" if saved == 1 else f"torchrun --nproc_per_node={saved}"))
+    check_stop_after(stop_after, checkpoint["recipe"]["epochs"], checkpoint["epoch"], path)
+    return checkpoint

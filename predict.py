@@ -4,9 +4,9 @@ other way round) prepared the way MNIST's digits were, through a trained ViT.
     python predict.py my_digit.png                           # the model train.py saves (runs/vit_mnist.pth)
     python predict.py my_digit.jpg --model runs/other.pth --top 5
 
-Prints the most likely classes with their probabilities. The preparation (``hf.mnist_style``): greyscale, inverted if
-the background is light, cropped to the ink, the longer side scaled to 20 pixels, centred by its centre of mass in
-28x28, normalised with the mean and std saved in the checkpoint.
+Prints the most likely classes with their probabilities. The preparation (``hf.read_digit_image``): greyscale,
+inverted if the background is light, cropped to the ink, the longer side scaled to 20 pixels, centred by its centre of
+mass in 28x28, normalised with the mean and std saved in the checkpoint.
 """
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float]]:
     # Ctrl-C, a damaged or unreadable checkpoint, a folder or a file we may not read: one line, never a traceback
     with machinery.command_line_errors(parser):
         try:
-            checkpoint = hf.load_checkpoint(args.model)
-            probabilities = hf.predict_image(args.model, args.image)
+            checkpoint = hf.load_checkpoint(args.model)  # read once: the weights, their config and normalisation
+            probabilities = hf.class_probabilities(hf.load_model(checkpoint), args.image,
+                                                   checkpoint.get("mean", hf.MNIST_MEAN),
+                                                   checkpoint.get("std", hf.MNIST_STD))
         except (ValueError, TypeError) as error:  # not an image, a blank image, weights that do not fit
             sys.exit(f"predict.py: {str(error).splitlines()[0].rstrip(': ')}")
     names = {"fashion-mnist": machinery.TORCHVISION_DATASETS["FashionMNIST"].classes}.get(checkpoint.get("dataset"))

@@ -7,20 +7,11 @@
     python train_transferlearning.py --imagenet --freeze --epochs 2 --subset 1000  # ViT-B/16, ImageNet weights
     python train_transferlearning.py --weights vit_b_16-c867db91.pth --freeze     # ... from a file you downloaded
 
-Like train.py, it runs unchanged under ``torchrun --nproc_per_node=N`` (data-parallel; process 0 prints and writes).
-
-The labelled digits are drawn from MNIST's training images minus a validation set of 5,000 (--val-split, the same
-held-out digits as train.py's); every epoch is measured on it, so learning rates and epochs are chosen without the
-test set, which is read once, at the end (the results' test_loss and test_acc). --val-split 0: every epoch is tested.
-
-Without --pretrained, the Fashion-MNIST ViT of notebook 09 is loaded from runs/ (or trained there first, a few
-minutes on a CPU). A run writes the same files as train.py: <out-dir>/<name>.pth (weights, config, dataset,
-normalisation, recipe), <name>.json and <name>.pkl (results) and <name>_loss_curves.png. Training is
-helper_functions' engine (``hf.fine_tune`` calls ``hf.train``): there is no second training loop here.
-
-As in train.py, every flag and the output folder are checked before any data is loaded (the files are written at the
-end, so an unwritable folder must not cost the run), a name that holds a run is never replaced without --overwrite,
-and a user error or an expected failure ends in one line: exit code 2 (bad settings), 1 (failed) or 130 (interrupted).
+The labelled digits are drawn from MNIST's training images minus the validation set (--val-split, train.py's), which
+is measured every epoch; the test set is read once, at the end (final_test_acc). Without --pretrained, notebook 09's
+Fashion-MNIST ViT is loaded from runs/ (or trained there first). The run is saved at the end, as train.py saves one,
+and never replaces a saved run without --overwrite. Like train.py it runs under torchrun, and its errors take one
+line: exit code 2 for a setting that cannot work, 1 for a failure, 130 for Ctrl-C, 143 for SIGTERM.
 """
 from __future__ import annotations
 
@@ -39,12 +30,13 @@ except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, not an import
     raise SystemExit(130) from None
 
 MODES = ("finetune", "probe", "scratch")  # the learning rate of each: hf.TRANSFER_RECIPE["lr"]
+MNIST_TRAINING_IMAGES_PER_DIGIT = 5421  # the fewest of any digit in MNIST's training set (the 5s)
+MNIST_TRAINING_IMAGES = 60_000
 
 
 def build_parser() -> machinery.ArgumentParser:
     parser = machinery.ArgumentParser(description="Fine-tune a pretrained ViT on a few labelled MNIST digits.",
-                                     epilog="Settings left out take notebook 09's values (in brackets). Exit codes: "
-                                            "0 done, 1 failed, 2 bad settings, 130 interrupted.")
+                                      epilog="Settings left out take notebook 09's values (in brackets).")
     source = parser.add_argument_group("where the backbone comes from (choose one)").add_mutually_exclusive_group()
     source.add_argument("--pretrained", type=Path, metavar="PATH",
                         help="a checkpoint written by train.py or hf.save_run (28x28 greyscale ViT) "
@@ -55,84 +47,48 @@ def build_parser() -> machinery.ArgumentParser:
     source.add_argument("--weights", type=Path, metavar="PATH",
                         help="like --imagenet, from a torchvision ViT-B/16 state dict file you downloaded")
     source.add_argument("--scratch", action="store_true", help="no pretraining: a fresh ViT (the baseline)")
-    d = hf.TRANSFER_RECIPE  # notebook 09's settings
+    d, whole, number = hf.TRANSFER_RECIPE, machinery.positive_int, machinery.finite_float
     run = parser.add_argument_group("recipe")
     run.add_argument("--freeze", action="store_true",
                      help="linear probe: freeze the backbone, train only the new head [full fine-tuning]")
-    run.add_argument("--epochs", type=machinery.positive_int, default=d["epochs"], help=f"[{d['epochs']}]")
-    run.add_argument("--num-labels", dest="num_labels", type=machinery.positive_int, default=d["num_labels"],
+    run.add_argument("--epochs", type=whole, default=d["epochs"], help=f"[{d['epochs']}]")
+    run.add_argument("--num-labels", dest="num_labels", type=whole, default=d["num_labels"],
                      help=f"labelled training digits, the same number per class (a multiple of 10) [{d['num_labels']}]")
     rates = ", ".join(f"{mode} {d['lr'][mode]}" for mode in MODES)
-    run.add_argument("--lr", type=machinery.finite_float, help=f"peak learning rate of AdamW [{rates}]")
-    run.add_argument("--batch-size", dest="batch_size", type=machinery.positive_int, default=d["batch_size"],
+    run.add_argument("--lr", type=number, help=f"peak learning rate of AdamW [{rates}]")
+    run.add_argument("--batch-size", dest="batch_size", type=whole, default=d["batch_size"],
                      help=f"[{d['batch_size']}]")
-    run.add_argument("--weight-decay", dest="weight_decay", type=machinery.finite_float, default=d["weight_decay"],
+    run.add_argument("--weight-decay", dest="weight_decay", type=number, default=d["weight_decay"],
                      help=f"[{d['weight_decay']}]")
-    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=machinery.finite_float,
+    run.add_argument("--warmup-epochs", dest="warmup_epochs", type=number,
                      help=f"[{d['warmup_epochs']}, or a tenth of a shorter run]")
     run.add_argument("--seed", type=machinery.seed_int, default=d["seed"], help=f"[{d['seed']}]")
     run.add_argument("--val-split", dest="val_split", type=machinery.non_negative_int, default=d["val_split"],
                      help="training digits held out (the labelled ones are drawn from the rest) and measured after "
-                          "every epoch; the test set is then read once, at the end (0: none, every epoch is tested) "
-                          f"[{d['val_split']}]")
-    run.add_argument("--subset", type=machinery.positive_int,
-                     help="validate and test on only the first N validation and N test digits (quick checks; "
-                          "ViT-B/16 on a CPU) [all]")
+                          f"every epoch (0: none, every epoch is tested) [{d['val_split']}]")
+    run.add_argument("--subset", type=whole, help="validate and test on only the first N validation and N test digits "
+                                                  "(quick checks; ViT-B/16 on a CPU) [all]")
     machinery.add_output_arguments(parser, default_name="vit_mnist_<num-labels>_labels_<mode>")
     return parser
 
 
-def split_data(train_images: torch.utils.data.Dataset, test_images: torch.utils.data.Dataset, num_labels: int,
-               seed: int, val_split: int, subset: int | None) -> tuple[torch.utils.data.Dataset | None, ...]:
-    """(labelled digits drawn from the training part, validation set or None, test set), the last two cut to
-    ``subset``."""
-    train_part, val_data = hf.validation_split(train_images, val_split)
-    if subset:
-        test_images = torch.utils.data.Subset(test_images, range(min(subset, len(test_images))))
-        if val_data is not None:
-            val_data = torch.utils.data.Subset(val_data, range(min(subset, len(val_data))))
-    return hf.balanced_subset(train_part, num_labels, seed=seed), val_data, test_images
-
-
-def imagenet_data(num_labels: int, seed: int, val_split: int,
-                  subset: int | None) -> tuple[torch.utils.data.Dataset | None, ...]:
-    """MNIST as ViT-B/16's ImageNet input: each digit resized to 224x224 and copied to 3 channels, per image."""
-    train_images, test_images = hf.get_mnist(transform=hf.imagenet_transform())
-    return split_data(train_images, test_images, num_labels, seed, val_split, subset)
-
-
-def mnist_data(num_labels: int, seed: int, val_split: int,
-               subset: int | None) -> tuple[torch.utils.data.Dataset | None, ...]:
-    """MNIST as our 28x28 ViT reads it: normalised tensors, computed once (hf.tensor_dataset)."""
-    train_images, test_images = hf.get_mnist()
-    return split_data(hf.tensor_dataset(train_images, hf.MNIST_MEAN, hf.MNIST_STD),
-                      hf.tensor_dataset(test_images, hf.MNIST_MEAN, hf.MNIST_STD), num_labels, seed, val_split, subset)
-
-
-MNIST_TRAINING_IMAGES_PER_DIGIT = 5421  # the fewest of any digit in MNIST's training set (the 5s)
-MNIST_TRAINING_IMAGES = 60_000
-
-
-def check_arguments(args: argparse.Namespace) -> None:
-    """Refuse (machinery.UsageError, naming the flag) any setting that cannot work, before any data is loaded."""
-    if args.warmup_epochs is None:  # a run shorter than the default warm-up warms up for a tenth of it
-        warmup = hf.TRANSFER_RECIPE["warmup_epochs"]
-        args.warmup_epochs = warmup if warmup < args.epochs else args.epochs / 10
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse, naming the flag, any setting that cannot work, before anything is loaded."""
     if args.num_labels % 10 or args.num_labels > 10 * MNIST_TRAINING_IMAGES_PER_DIGIT:
-        raise machinery.UsageError(f"--num-labels {args.num_labels} must be a multiple of 10 (every digit gets the same "
-                            f"number) and at most {10 * MNIST_TRAINING_IMAGES_PER_DIGIT} (MNIST has "
-                            f"{MNIST_TRAINING_IMAGES_PER_DIGIT} 5s)")
+        raise machinery.UsageError(f"--num-labels {args.num_labels} must be a multiple of 10 (every digit gets the "
+                                   f"same number) and at most {10 * MNIST_TRAINING_IMAGES_PER_DIGIT} (MNIST has "
+                                   f"{MNIST_TRAINING_IMAGES_PER_DIGIT} 5s)")
     if not args.val_split < MNIST_TRAINING_IMAGES:
         raise machinery.UsageError(f"--val-split {args.val_split} leaves no training digits (MNIST has "
-                            f"{MNIST_TRAINING_IMAGES}); hold out fewer, e.g. 5000, or 0 for no validation set")
+                                   f"{MNIST_TRAINING_IMAGES}); hold out fewer, e.g. 5000, or 0 for no validation set")
     if args.lr is not None and not args.lr > 0:
         raise machinery.UsageError(f"--lr {args.lr} must be > 0")
     if args.weight_decay < 0:
         raise machinery.UsageError(f"--weight-decay {args.weight_decay} must be >= 0")
     steps = hf.steps_per_epoch(args.num_labels, args.batch_size, machinery.launched_processes())
-    machinery.check_warmup(args.warmup_epochs, args.epochs, steps)
+    machinery.check_warmup(warmup_epochs(args), args.epochs, steps)
     if args.scratch and args.freeze:
-        raise machinery.UsageError("--freeze with --scratch would train a head on random features; leave one of them out")
+        raise machinery.UsageError("--freeze with --scratch would train a head on random features; leave one out")
     for option, path in (("--pretrained", args.pretrained), ("--weights", args.weights)):
         if path is not None and not path.exists():
             hint = ("train one (python train.py --dataset fashion-mnist --epochs 3) or leave out --pretrained to use "
@@ -141,6 +97,13 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise machinery.UsageError(f"{option}: no file at {path}; {hint}")
         if path is not None and path.is_dir():
             raise machinery.UsageError(f"{option}: {path} is a folder; pass the .pth file inside it")
+
+
+def warmup_epochs(args: argparse.Namespace) -> float:
+    """--warmup-epochs, or the recipe's warm-up, or a tenth of a run shorter than that."""
+    default = hf.TRANSFER_RECIPE["warmup_epochs"]
+    return args.warmup_epochs if args.warmup_epochs is not None else default if default < args.epochs else \
+        args.epochs / 10
 
 
 def imagenet_backbone(weights: Path | None, freeze: bool) -> torch.nn.Module:
@@ -158,104 +121,102 @@ def imagenet_backbone(weights: Path | None, freeze: bool) -> torch.nn.Module:
         except (machinery.CheckpointError, OSError):
             ours = None
         if ours is not None:
-            raise machinery.UsageError(f"--weights {weights} is one of this repository's checkpoints (written by train.py or "
-                                f"hf.save_model), not torchvision's ViT-B/16 weights; pass it as --pretrained "
-                                f"{weights}") from None
+            raise machinery.UsageError(f"--weights {weights} is one of this repository's checkpoints (written by "
+                                       f"train.py or hf.save_model), not torchvision's ViT-B/16 weights; pass it as "
+                                       f"--pretrained {weights}") from None
         raise machinery.UsageError(f"--weights {weights}: {error}") from None
 
 
 def pretrained_backbone(path: Path | None, freeze: bool, progress: bool) -> tuple[torch.nn.Module, str]:
     """Our 28x28 ViT pretrained on Fashion-MNIST (notebook 09's, or --pretrained), a new head, frozen or not."""
     if path is None:
-        model, _ = hf.get_pretrained_vit(progress=progress)
-        source = str(hf.RUNS_DIR / "vit_fashion_mnist_pretrained.pth")
+        model, path = hf.get_trained_vit(hf.PRETRAIN_RECIPE, progress=progress)[0], hf.RUNS_DIR / \
+            "vit_fashion_mnist_pretrained.pth"
     else:
         try:
-            model, source = hf.load_vit(path), str(path)
+            model = hf.load_model(path)
         except machinery.CheckpointError as error:
             if error.reason == "torchvision":
                 raise machinery.UsageError(f"--pretrained {path} holds torchvision's ViT weights, not one of this "
-                                    f"repository's checkpoints; pass it as --weights {path}") from None
+                                           f"repository's checkpoints; pass it as --weights {path}") from None
             if error.reason in {"foreign", "pickled", "folder"}:
                 raise machinery.UsageError(f"--pretrained {path}: {error}") from None
-            raise machinery.CheckpointError(f"--pretrained {path}: {error}", error.reason) from None  # damaged: a failure
+            raise machinery.CheckpointError(f"--pretrained {path}: {error}", error.reason) from None  # damaged
         except ValueError as error:  # no config, or weights that do not fit it
             raise machinery.UsageError(f"--pretrained {path}: {error}") from None
     if (model.config["image_size"], model.config["in_channels"]) != (28, 1):
-        raise machinery.UsageError(f"--pretrained {source} is a {model.config['image_size']}px, "
-                            f"{model.config['in_channels']}-channel model; it needs a 28x28 greyscale one (use "
-                            f"--weights for ViT-B/16)")
-    hf.new_head(model, num_classes=10)
-    return (hf.freeze_backbone(model) if freeze else model), source
+        raise machinery.UsageError(f"--pretrained {path} is a {model.config['image_size']}px, "
+                                   f"{model.config['in_channels']}-channel model; it needs a 28x28 greyscale one (use "
+                                   f"--weights for ViT-B/16)")
+    hf.replace_head(model, num_classes=10)
+    return (hf.freeze_backbone(model) if freeze else model), str(path)
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[float]]:
+def load_data(imagenet: bool, args: argparse.Namespace) -> tuple[torch.utils.data.Dataset | None, ...]:
+    """(labelled digits drawn from the training part, validation set or None, test set), the last two cut to
+    --subset: as ViT-B/16's ImageNet input (224x224 RGB, per image) or as our 28x28 ViT reads them (tensors, once)."""
+    if imagenet:
+        train_images, test_images = hf.get_mnist(transform=hf.imagenet_transform())
+    else:
+        train_images, test_images = (hf.tensor_dataset(data, hf.MNIST_MEAN, hf.MNIST_STD) for data in hf.get_mnist())
+    train_part, val_data = hf.validation_split(train_images, args.val_split)
+    if args.subset:
+        test_images = torch.utils.data.Subset(test_images, range(min(args.subset, len(test_images))))
+        if val_data is not None:
+            val_data = torch.utils.data.Subset(val_data, range(min(args.subset, len(val_data))))
+    return hf.balanced_subset(train_part, args.num_labels, seed=args.seed), val_data, test_images
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     imagenet = args.imagenet or args.weights is not None
     mode = "scratch" if args.scratch else "probe" if args.freeze else "finetune"
-    lr = args.lr if args.lr is not None else hf.TRANSFER_RECIPE["lr"][mode]
-    name = args.name if args.name is not None else \
-        f"vit_{'b_16_imagenet_' if imagenet else ''}mnist_{args.num_labels}_labels_{mode}"
-    path = args.out_dir / f"{name}.pth"
+    name = args.name or f"vit_{'b_16_imagenet_' if imagenet else ''}mnist_{args.num_labels}_labels_{mode}"
+    say = machinery.print_main  # under torchrun, process 0 prints
+    with machinery.script_run(parser, args.out_dir, name, args.device, args.overwrite, resumable=False,
+                              check=lambda: check_flags(args)) as device:
+        # 1. The recipe; the backbone (ImageNet ViT-B/16, our pretrained ViT or a fresh one) with a new head; the data
+        recipe = dict(mode=mode, source=None, epochs=args.epochs, num_labels=args.num_labels,
+                      lr=args.lr or hf.TRANSFER_RECIPE["lr"][mode], batch_size=args.batch_size,
+                      weight_decay=args.weight_decay, warmup_epochs=warmup_epochs(args), seed=args.seed,
+                      subset=args.subset, val_split=args.val_split)
+        progress = args.progress and machinery.is_main_process()
+        if imagenet:
+            model = imagenet_backbone(args.weights, args.freeze)
+            recipe["source"] = f"{hf.IMAGENET_WEIGHTS} from {args.weights}" if args.weights else hf.IMAGENET_WEIGHTS
+            mean, std = hf.imagenet_normalisation()
+        elif args.scratch:
+            hf.set_seeds(args.seed)
+            model, mean, std = hf.vit_from_config("vit_mnist"), hf.MNIST_MEAN, hf.MNIST_STD
+        else:
+            (model, recipe["source"]), mean, std = (pretrained_backbone(args.pretrained, args.freeze, progress),
+                                                    hf.MNIST_MEAN, hf.MNIST_STD)
+        train_data, val_data, test_data = load_data(imagenet, args)
+        say(f"{mode} from {recipe['source'] or 'random initialisation'}: "
+            f"{hf.count_parameters(model, trainable_only=True):,} of {hf.count_parameters(model):,} parameters learn | "
+            f"{len(train_data)} labelled training digits, {len(val_data or [])} validation digits, {len(test_data)} "
+            f"test digits | device {device}")
 
-    with machinery.command_line_errors(parser, interrupted=lambda: machinery.interrupted_run(path, resumable=False)):
-        # 1. Check every flag and the output folder before anything is loaded: the files are written at the end
-        machinery.check_run_name(name)
-        machinery.device_from_flag(args.device)
-        check_arguments(args)
-        machinery.check_output_folder(args.out_dir)
+        # 2. Train with the shared engine (validating every epoch, the test set read once, at the end), then save
+        start = time.perf_counter()
+        compile = machinery.use_compile(args.compile, args.epochs * hf.steps_per_epoch(
+            len(train_data), args.batch_size, machinery.launched_processes()))
+        results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=recipe["lr"], batch_size=args.batch_size,
+                               weight_decay=args.weight_decay, warmup_epochs=recipe["warmup_epochs"], seed=args.seed,
+                               device=device, progress=progress, amp=args.amp, compile=compile, val_data=val_data)
+        model.requires_grad_(True)  # a loaded model should train like any other; the recipe records the freezing
+        if machinery.is_main_process():
+            hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std,
+                        recipe=recipe)
 
-        with machinery.run_lock(path), machinery.training_device(args.device) as device:
-            machinery.refuse_to_overwrite(path, args.overwrite, resumable=False)
-
-            # 2. The backbone: ImageNet ViT-B/16, our pretrained ViT, or a fresh one; then a new head
-            if imagenet:
-                model = imagenet_backbone(args.weights, args.freeze)
-                source = f"{hf.IMAGENET_WEIGHTS} from {args.weights}" if args.weights else hf.IMAGENET_WEIGHTS
-                mean, std = hf.imagenet_normalisation()
-                train_data, val_data, test_data = imagenet_data(args.num_labels, args.seed, args.val_split,
-                                                                args.subset)
-            else:
-                if args.scratch:
-                    hf.set_seeds(args.seed)
-                    model, source = hf.vit_from_config("vit_mnist"), None
-                else:
-                    model, source = pretrained_backbone(args.pretrained, args.freeze,
-                                                        args.progress and machinery.is_main_process())
-                mean, std = hf.MNIST_MEAN, hf.MNIST_STD
-                train_data, val_data, test_data = mnist_data(args.num_labels, args.seed, args.val_split, args.subset)
-            trainable = hf.count_parameters(model, trainable_only=True)
-            machinery.print_main(f"{mode} from {source or 'random initialisation'}: {trainable:,} of "
-                      f"{hf.count_parameters(model):,} parameters learn | {len(train_data)} labelled "
-                      f"training digits, " + (f"{len(val_data)} validation digits, " if val_data is not None else "")
-                      + f"{len(test_data)} test digits | device {device}")
-
-            # 3. Train with the shared engine, then save what train.py saves
-            recipe = dict(mode=mode, source=source, epochs=args.epochs, num_labels=args.num_labels, lr=lr,
-                          batch_size=args.batch_size, weight_decay=args.weight_decay,
-                          warmup_epochs=args.warmup_epochs, seed=args.seed, subset=args.subset,
-                          val_split=args.val_split)
-            start = time.perf_counter()
-            results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=lr, batch_size=args.batch_size,
-                                   weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                                   device=device, progress=args.progress and machinery.is_main_process(), amp=args.amp,
-                                   compile=machinery.use_compile(args.compile, args.epochs * hf.steps_per_epoch(
-                                       len(train_data), args.batch_size, machinery.launched_processes())),
-                                   val_data=val_data)
-            model.requires_grad_(True)  # a loaded model should train like any other; the recipe records the freezing
-            if machinery.is_main_process():
-                hf.save_run(model.cpu(), results, args.out_dir, name=name, dataset="mnist", mean=mean, std=std,
-                            recipe=recipe)
-            if val_data is not None:
-                best = max(range(len(results["val_acc"])), key=results["val_acc"].__getitem__)
-                summary = (f"validation accuracy {results['val_acc'][-1]:.4f} after {args.epochs} epochs (best "
-                           f"{results['val_acc'][best]:.4f}, epoch {best + 1}); test accuracy "
-                           f"{results['test_acc']:.4f} (the test set, read once, at the end)")
-            else:
-                summary = f"test accuracy {results['test_acc'][-1]:.4f} after {args.epochs} epochs (no validation set)"
-            machinery.print_main(f"Done: {summary} ({time.perf_counter() - start:.0f} s). Files in {args.out_dir}/: {name}.pth, "
-                      f"{name}.json, {name}.pkl, {name}_loss_curves.png")
+        # 3. The summary
+        measured = results["val_acc" if val_data is not None else "test_acc"]
+        best = max(range(args.epochs), key=measured.__getitem__)
+        say(f"Done: {'validation' if val_data is not None else 'test'} accuracy {measured[-1]:.4f} after {args.epochs} "
+            f"epochs (best {measured[best]:.4f}, epoch {best + 1}); test accuracy {results['final_test_acc']:.4f} (the "
+            f"test set, read once, at the end); {time.perf_counter() - start:.0f} s. Files in {args.out_dir}/: "
+            f"{name}.pth, {name}.json, {name}.pkl, {name}_loss_curves.png")
     return results
 
 

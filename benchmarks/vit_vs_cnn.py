@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # helper_functions.py lives at the repository's top level
@@ -130,9 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     hf.set_seeds(seed)
                     model = MODELS[model_name]()
                     start = time.perf_counter()
-                    hf.train_classifier(model, hf.first_examples(train_data, size),
-                                        hf.first_examples(test_data, 1000), epochs, seed=seed)
-                    _, test_acc = hf.test_step(model, hf.evaluation_loader(test_data, batch_size=500), loss_fn)
+                    hf.train_classifier(model, Subset(train_data, range(size)), Subset(test_data, range(1000)), epochs,
+                                        seed=seed)
+                    _, test_acc = hf.test_step(model, DataLoader(test_data, batch_size=500), loss_fn)
                     run.update(test_acc=round(test_acc, 4), seconds=round(time.perf_counter() - start, 1),
                                parameters=hf.count_parameters(model))
                     report["runs"].append(run)

@@ -26,7 +26,7 @@ TINY = dict(image_size=16, patch_size=4, num_layers=2, num_heads=2, embedding_di
 def tiny_vit(bug=None, seed=0, **overrides):
     """A seeded ViT for 16x16 images with ``bug`` injected (``None``: the correct model)."""
     hf.set_seeds(seed)
-    return hf.vit_with_bug(bug, "vit_mnist", **{**TINY, **overrides})
+    return hf.vit_with_bugs(*([bug] if bug else []), **{**TINY, **overrides})
 
 
 def tiny_batch(size=16, seed=0):
@@ -216,7 +216,7 @@ def test_randn_class_token_learns_with_adamw_or_our_init_but_not_with_sgd():
 
 def test_randn_class_token_leaves_removed_position_embeddings_removed():
     model = tiny_vit(bug=None)
-    model = hf.randn_class_token(hf.remove_position_embeddings(model))
+    model = hf.reinitialise_with_randn(hf.remove_position_embeddings(model))
     assert model.position_embedding.abs().max() == 0 and model.class_token.std() > 0.5
 
 
@@ -267,12 +267,12 @@ def test_vit_with_bugs_injects_every_bug_and_none_gives_the_correct_model():
     images, _ = tiny_batch()
     everything = ["randn_class_token", *hf.BLOG_FIX_ORDER]
     hf.set_seeds(0)
-    model = hf.vit_with_bugs(everything, "vit_mnist", **TINY)
+    model = hf.vit_with_bugs(*everything, **TINY)
     assert any(isinstance(m, hf.TorchSelfAttention) for m in model.modules())
     assert not any(isinstance(m, (nn.GELU, nn.LayerNorm)) for m in model.modules())
     assert model.position_embedding.abs().max() == 0 and model.class_token.std() > 0.5
     hf.set_seeds(0)
-    none = hf.vit_with_bugs([], "vit_mnist", **TINY)
+    none = hf.vit_with_bugs(**TINY)
     assert hf.max_abs_difference(none.eval(), tiny_vit().eval(), images) < 1e-6
 
 
@@ -283,7 +283,7 @@ def test_the_blog_fix_order_is_position_embeddings_activations_layer_norms_batch
 
 def test_vit_with_bugs_rejects_an_unknown_bug():
     with pytest.raises(ValueError, match="unknown bug 'typo'"):
-        hf.vit_with_bugs(["no_position_embeddings", "typo"])
+        hf.vit_with_bugs("no_position_embeddings", "typo")
 
 
 # --- the general toolkit --------------------------------------------------------------------------------------------
@@ -312,9 +312,9 @@ def test_gradient_norms_skip_frozen_parameters():
     assert "position_embedding" not in norms
 
 
-def test_vit_with_bug_rejects_an_unknown_bug():
+def test_vit_with_bugs_rejects_a_single_unknown_bug():
     with pytest.raises(ValueError, match="unknown bug"):
-        hf.vit_with_bug("off_by_one")
+        hf.vit_with_bugs("off_by_one")
 
 
 @pytest.mark.parametrize("bug", ["layer_norm_mean_over_std", "no_position_embeddings", "mlp_without_activation",

@@ -155,13 +155,13 @@ def test_in_a_runtime_whose_torch_differs_from_the_pin_notebook_00_reports_it_an
                  {"torch": types.SimpleNamespace(__version__="1.13.1+cu117")})
 
 
-def test_on_a_gpu_runtime_the_fallback_training_uses_get_device(monkeypatch, tmp_path, history):
+def test_on_a_gpu_runtime_the_fallback_training_uses_best_device(monkeypatch, tmp_path, history):
     gpu = torch.device("meta")  # stands in for Colab's cuda: anything but the CPU
-    monkeypatch.setattr(hf, "get_device", lambda: gpu)
+    monkeypatch.setattr(hf, "best_device", lambda: gpu)
     used = []
     monkeypatch.setattr(hf, "parallelize", lambda model, device, compile=False: used.append(device) or model)
     monkeypatch.setattr(hf, "train", lambda model, *args, **kwargs: history)
-    model = hf.new_head(hf.vit_from_config("vit_mnist"), num_classes=10)
+    model = hf.replace_head(hf.vit_from_config("vit_mnist"), num_classes=10)
     digits = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28), torch.arange(8) % 10)
     hf.fine_tune(model, digits, digits, epochs=1, warmup_epochs=0, progress=False)
 
@@ -172,12 +172,15 @@ def test_on_a_gpu_runtime_the_fallback_training_uses_get_device(monkeypatch, tmp
             used.append(device)
 
         def train(self, **kwargs):
-            return history
+            return dict(history)
+
+        def add_final_test(self, results):
+            return results
 
     monkeypatch.setattr(hf, "TrainingSetup", FakeSetup)
-    model, _ = hf.get_pretrained_vit(tmp_path / "pretrained.pth", progress=False)
-    hf.get_trained_mnist_vit(tmp_path / "mnist.pth", progress=False)
-    assert used == [gpu, gpu, gpu], "fine_tune, get_pretrained_vit and get_trained_mnist_vit all train on get_device()"
+    model, _ = hf.get_trained_vit(hf.PRETRAIN_RECIPE, tmp_path / "pretrained.pth", progress=False)
+    hf.get_trained_vit(path=tmp_path / "mnist.pth", progress=False)
+    assert used == [gpu, gpu, gpu], "fine_tune and get_trained_vit (twice) all train on best_device()"
     assert not model.training, "returned in eval mode, ready for the notebook's plots"
 
 

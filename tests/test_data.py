@@ -280,11 +280,11 @@ def test_set_seeds_makes_every_generator_repeat():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
-def test_get_device_prefers_cuda_then_apples_mps_then_the_cpu(monkeypatch):
+def test_best_device_prefers_cuda_then_apples_mps_then_the_cpu(monkeypatch):
     for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
-        assert hf.get_device() == torch.device(expected), (cuda, mps)
+        assert hf.best_device() == torch.device(expected), (cuda, mps)
 
 
 def test_socket_timeout_is_restored_even_when_the_download_fails():

@@ -67,8 +67,8 @@ def test_save_and_load_model_round_trip_keeps_weights_and_config(tmp_path, toy_v
     path = hf.save_model(model, tmp_path / "tiny.pth", dataset="toy", mean=0.5, std=0.25)
     checkpoint = hf.load_checkpoint(path)
     assert checkpoint["config"] == model.config and checkpoint["dataset"] == "toy" and checkpoint["mean"] == 0.5
-    rebuilt = hf.load_vit(path)
-    other = hf.load_model(toy_vit(), path)
+    rebuilt = hf.load_model(path)
+    other = hf.load_model(path, toy_vit())
     x = torch.randn(3, 1, 4, 4)
     model.eval(), rebuilt.eval(), other.eval()
     assert torch.equal(model(x), rebuilt(x)) and torch.equal(model(x), other(x))
@@ -86,19 +86,19 @@ def test_save_is_atomic_a_failed_write_leaves_no_file(tmp_path, monkeypatch, toy
 
 def test_loading_a_missing_file_says_how_to_get_one(tmp_path, toy_vit):
     with pytest.raises(FileNotFoundError, match="no model file at .*missing.pth; train one first"):
-        hf.load_model(toy_vit(), tmp_path / "missing.pth")
+        hf.load_model(tmp_path / "missing.pth", toy_vit())
 
 
 def test_loading_a_foreign_state_dict_is_refused_with_a_pointer(tmp_path, toy_vit):
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="not written by helper_functions.save_model"):
-        hf.load_model(toy_vit(), tmp_path / "foreign.pth")
+        hf.load_model(tmp_path / "foreign.pth", toy_vit())
 
 
 def test_loading_a_corrupt_file_is_refused(tmp_path, toy_vit):
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint" * 10)
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
-        hf.load_model(toy_vit(), tmp_path / "garbage.pth")
+        hf.load_model(tmp_path / "garbage.pth", toy_vit())
 
 
 class _Payload:
@@ -109,14 +109,14 @@ class _Payload:
 def test_loading_a_checkpoint_with_pickled_code_does_not_run_it(tmp_path, capsys, toy_vit):
     torch.save({"format": machinery.CHECKPOINT_FORMAT, "state_dict": {}, "evil": _Payload()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
-        hf.load_model(toy_vit(), tmp_path / "evil.pth")
+        hf.load_model(tmp_path / "evil.pth", toy_vit())
     assert "this must never run" not in capsys.readouterr().out
 
 
 def test_loading_weights_of_another_shape_names_the_missing_keys_and_the_shapes(tmp_path, tiny_vit):
     hf.save_model(tiny_vit(), tmp_path / "p7.pth")
     with pytest.raises(ValueError) as error:
-        hf.load_model(tiny_vit(patch_size=4, num_layers=2), tmp_path / "p7.pth")
+        hf.load_model(tmp_path / "p7.pth", tiny_vit(patch_size=4, num_layers=2))
     message = str(error.value)
     assert "missing keys: ['encoder.1.ln_1.bias'" in message
     assert ("shape mismatch patch_embedding.projection.weight: checkpoint (16, 1, 7, 7) vs model (16, 1, 4, 4)"

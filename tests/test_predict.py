@@ -1,5 +1,5 @@
-"""Your own digit: hf.mnist_style prepares any image file the way MNIST's digits were (inverted when the paper is
-light, cropped, 20 pixels on its longer side, centred by mass in 28x28), hf.predict_image returns probabilities, and
+"""Your own digit: hf.read_digit_image prepares any image file the way MNIST's digits were (inverted when the paper is
+light, cropped, 20 pixels on its longer side, centred by mass in 28x28), hf.class_probabilities returns probabilities, and
 predict.py reports user errors in one line."""
 import subprocess
 import sys
@@ -35,7 +35,7 @@ def centre_of_mass(image):
 
 
 def test_dark_ink_on_white_paper_is_inverted_cropped_scaled_and_centred_by_mass(tmp_path):
-    prepared = hf.mnist_style(draw_seven(tmp_path / "seven.png"))
+    prepared = hf.read_digit_image(draw_seven(tmp_path / "seven.png"))
     assert prepared.shape == (1, 28, 28) and prepared.dtype == torch.float32
     image = pixels(prepared)
     assert image[0, 0] < 0.01 and image.max() > 0.9  # black background, light ink: inverted like MNIST
@@ -48,7 +48,7 @@ def test_dark_ink_on_white_paper_is_inverted_cropped_scaled_and_centred_by_mass(
 @pytest.mark.parametrize("kind", ["light ink on black", "colour JPEG", "grey PNG", "dark ink on transparency",
                                   "light ink on transparency"])
 def test_every_kind_of_image_gives_the_same_light_on_black_digit(tmp_path, kind):
-    reference = pixels(hf.mnist_style(draw_seven(tmp_path / "seven.png")))
+    reference = pixels(hf.read_digit_image(draw_seven(tmp_path / "seven.png")))
     path = {
         "light ink on black": lambda: draw_seven(tmp_path / "a.png", ink=(250, 250, 250), paper=(0, 0, 0)),
         "colour JPEG": lambda: draw_seven(tmp_path / "b.jpg", ink=(30, 30, 160), paper=(250, 240, 200)),
@@ -58,7 +58,7 @@ def test_every_kind_of_image_gives_the_same_light_on_black_digit(tmp_path, kind)
         "light ink on transparency": lambda: draw_seven(tmp_path / "e.png", ink=(255, 255, 255, 255),
                                                         paper=(255, 255, 255, 0), mode="RGBA"),
     }[kind]()
-    image = pixels(hf.mnist_style(path))
+    image = pixels(hf.read_digit_image(path))
     assert image[0, 0] < 0.05 and image.max() > 0.8
     cy, cx = centre_of_mass(image)
     assert abs(cy - 14) < 1 and abs(cx - 14) < 1, (kind, cy, cx)
@@ -66,25 +66,28 @@ def test_every_kind_of_image_gives_the_same_light_on_black_digit(tmp_path, kind)
     assert torch.cosine_similarity(image.flatten(), reference.flatten(), dim=0) > 0.75, kind
 
 
-def test_predict_image_returns_probabilities_for_a_model_or_a_checkpoint(tmp_path, tiny_vit):
+def test_class_probabilities_of_a_model_or_of_one_loaded_from_its_checkpoint(tmp_path, tiny_vit):
     tiny = tiny_vit()
     path = draw_seven(tmp_path / "seven.png")
-    probabilities = hf.predict_image(tiny, path)
+    probabilities = hf.class_probabilities(tiny, path)
     assert probabilities.shape == (10,) and torch.all(probabilities >= 0)
     assert probabilities.sum().item() == pytest.approx(1.0, abs=1e-5)
-    checkpoint = hf.save_model(tiny, tmp_path / "tiny.pth", mean=hf.MNIST_MEAN, std=hf.MNIST_STD)
-    torch.testing.assert_close(hf.predict_image(checkpoint, path), probabilities)
+    checkpoint = hf.load_checkpoint(hf.save_model(tiny, tmp_path / "tiny.pth", mean=hf.MNIST_MEAN, std=hf.MNIST_STD))
+    loaded = hf.class_probabilities(hf.load_model(checkpoint), path, checkpoint["mean"], checkpoint["std"])
+    torch.testing.assert_close(loaded, probabilities)
+    with pytest.raises(TypeError, match="load a saved one with hf.load_model"):
+        hf.class_probabilities(tmp_path / "tiny.pth", path)
 
 
 def test_a_missing_file_or_a_non_image_names_the_path_and_what_was_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no image file at .*missing\.png.*PNG or JPEG"):
-        hf.mnist_style(tmp_path / "missing.png")
+        hf.read_digit_image(tmp_path / "missing.png")
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(ValueError, match=r"notes\.png is not an image .*PNG or JPEG"):
-        hf.mnist_style(tmp_path / "notes.png")
+        hf.read_digit_image(tmp_path / "notes.png")
     Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
     with pytest.raises(ValueError, match="found no digit"):
-        hf.mnist_style(tmp_path / "blank.png")
+        hf.read_digit_image(tmp_path / "blank.png")
 
 
 def run_predict(*args, cwd):

@@ -151,6 +151,7 @@ def test_get_trained_vit_never_replaces_a_different_run_unless_asked(tmp_path, t
     assert (tmp_path / "run.pth").read_bytes() == before
     model, results = hf.get_trained_vit(recipe, tmp_path / "run.pth", retrain=True, progress=False)
     assert hf.load_checkpoint(tmp_path / "run.pth")["recipe"] == recipe and len(results["test_acc"]) == 1
+    assert results["final_test_acc"] == results["test_acc"][-1], "no validation set: the last epoch's test is final"
     assert hf.get_trained_vit(recipe, tmp_path / "run.pth")[1] == results, "the same recipe loads, no training"
 
 
@@ -318,10 +319,10 @@ def test_bad_api_arguments_name_the_argument(tmp_path, tiny_vit):
 def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch, tiny_vit):
     (tmp_path / "run.pth").mkdir()
     with pytest.raises(machinery.CheckpointError, match="is a folder, not a checkpoint file; pass the .pth file inside it"):
-        hf.load_vit(tmp_path / "run.pth")
+        hf.load_model(tmp_path / "run.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(machinery.CheckpointError, match=r"is empty \(0 bytes: a copy or a save that never finished\)"):
-        hf.load_vit(tmp_path / "empty.pth")
+        hf.load_model(tmp_path / "empty.pth")
     hf.save_model(tiny_vit(), tmp_path / "locked.pth")
     real_open = open
 
@@ -332,7 +333,7 @@ def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path,
 
     monkeypatch.setattr("builtins.open", denied)
     with pytest.raises(PermissionError, match="cannot read .*locked.pth: permission denied") as error:
-        hf.load_vit(tmp_path / "locked.pth")
+        hf.load_model(tmp_path / "locked.pth")
     assert "corrupt" not in str(error.value)
 
 
@@ -345,7 +346,7 @@ def test_a_flipped_byte_in_the_weights_is_caught(tmp_path, tiny_vit):
     assert hf.load_checkpoint(path)["weights_sha256"] == machinery.weights_digest(model)
     flip_a_byte(path)
     with pytest.raises(machinery.CheckpointError, match="is damaged: its contents differ from the SHA-256 digest") as error:
-        hf.load_vit(path)
+        hf.load_model(path)
     assert error.value.reason == "digest"
 
 

@@ -54,7 +54,7 @@ def test_train_py_under_torchrun_trains_writes_once_and_resumes_exactly(tmp_path
     run = hf.load_checkpoint(tmp_path / "a" / "vit_mnist.pth")
     assert run["processes"] == 2 and run["epoch"] == 3
     assert run["history"]["train_loss"][-1] < run["history"]["train_loss"][0]
-    digest = machinery.weights_digest(hf.load_vit(tmp_path / "a" / "vit_mnist.pth"))
+    digest = machinery.weights_digest(hf.load_model(tmp_path / "a" / "vit_mnist.pth"))
     assert f"weights identical in all 2 processes (sha256 {digest[:16]})" in straight, "the saved weights are theirs"
 
     # Stopped after epoch 1 and resumed, still with 2 processes: the same weights, bit for bit

@@ -25,7 +25,7 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
     first = hf.load_checkpoint(tmp_path / "a" / "vit_mnist.pth")
     assert first["epoch"] == 1 and first["dataset"] == "mnist" and first["mean"] == hf.MNIST_MEAN
     stopped = json.loads((tmp_path / "a" / "vit_mnist.json").read_text())
-    assert len(stopped["val_acc"]) == 1 and "test_acc" not in stopped, "an unfinished run never reads the test set"
+    assert len(stopped["val_acc"]) == 1 and "final_test_acc" not in stopped, "an unfinished run never reads the test set"
 
     # 2. --resume keeps the saved run's settings: a clashing flag is refused
     with pytest.raises(SystemExit):
@@ -35,7 +35,7 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
     # 3. --resume trains epoch 2 from the saved weights, optimizer, schedule and random state
     resumed = train.main(["--resume", "--out-dir", str(tmp_path / "a"), "--no-progress"])
     second = hf.load_checkpoint(tmp_path / "a" / "vit_mnist.pth")
-    assert second["epoch"] == 2 and len(resumed["val_acc"]) == 2 and isinstance(resumed["test_acc"], float)
+    assert second["epoch"] == 2 and len(resumed["val_acc"]) == 2 and isinstance(resumed["final_test_acc"], float)
     assert torch.equal(second["val_indices"], first["val_indices"]), "the resumed run holds out the same digits"
     assert resumed["train_loss"][0] == first["history"]["train_loss"][0], "epoch 1's results are kept"
     assert second["train_state"]["optimizer"]["state"][0]["step"] == 2 * 4, "the optimizer continued, not restarted"
@@ -51,13 +51,13 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
         loss_ax, acc_ax = hf.plot_loss_curves(source).axes
         assert list(loss_ax.lines[0].get_ydata()) == straight["train_loss"]
         assert list(acc_ax.lines[1].get_ydata()) == straight["val_acc"]
-        assert list(acc_ax.lines[2].get_ydata()) == [straight["test_acc"]], "the test set: one point, at the end"
+        assert list(acc_ax.lines[2].get_ydata()) == [straight["final_test_acc"]], "the test set: one point, at the end"
 
 
 def test_the_readme_command_train_py_epochs_1_runs(tmp_path, tiny_run):
     # The default warm-up (1 epoch) would fill a 1-epoch run; it shrinks to a tenth of the run instead.
     results = train.main(["--epochs", "1", "--out-dir", str(tmp_path), *tiny_run])
-    assert len(results["val_acc"]) == 1 and isinstance(results["test_acc"], float)
+    assert len(results["val_acc"]) == 1 and isinstance(results["final_test_acc"], float)
     assert hf.load_checkpoint(tmp_path / "vit_mnist.pth")["recipe"]["warmup_epochs"] == 0.1
 
 
@@ -109,12 +109,13 @@ def test_warmup_cosine_schedule_rises_linearly_then_decays_to_zero():
         hf.warmup_cosine_schedule(optimizer, total_steps=4, warmup_steps=4)
 
 
-def test_get_trained_mnist_vit_loads_a_saved_run_of_the_current_recipe_without_training(tmp_path, tiny_vit, history):
+def test_get_trained_vit_loads_a_saved_run_of_notebook_07s_recipe_without_training(tmp_path, tiny_vit, history):
     model = tiny_vit()
     results = history
     hf.save_run(model, results, tmp_path, name="vit_mnist", recipe=hf.MNIST_RECIPE)
-    loaded, loaded_results = hf.get_trained_mnist_vit(tmp_path / "vit_mnist.pth")
-    assert loaded_results == results and not loaded.training
+    loaded, loaded_results = hf.get_trained_vit(path=tmp_path / "vit_mnist.pth")
+    last = {"final_test_loss": results["test_loss"][-1], "final_test_acc": results["test_acc"][-1]}
+    assert loaded_results == {**results, **last} and not loaded.training, "a finished run: its final test score too"
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
@@ -131,17 +132,22 @@ def _readme_train_commands() -> list[list[str]]:
 
 def test_every_train_py_command_in_the_readme_is_a_valid_recipe():
     commands = _readme_train_commands()
-    assert len(commands) >= 8 and any("--patch-size" in c for c in commands), commands  # the best recipe is there
+    assert len(commands) >= 8 and ["--recipe", "best"] in [c[:2] for c in commands], commands  # the best recipe
     for argv in (c for c in commands if "--help" not in c):
-        args = train.build_parser().parse_args(argv)
-        given = {key: getattr(args, key) for key in train.DEFAULTS if getattr(args, key) is not None}
-        if not args.resume:
-            train.check_recipe(train.new_recipe(given), args.stop_after)
+        train.check_flags(train.build_parser().parse_args(argv), Path("runs") / "vit_mnist.pth")
 
 
-def test_the_readme_best_recipe_is_hf_best_mnist_recipe():
-    best = next(c for c in _readme_train_commands() if "--patch-size" in c)
-    args = train.build_parser().parse_args(best)
-    given = {key: getattr(args, key) for key in train.DEFAULTS if getattr(args, key) is not None}
-    recipe = train.new_recipe(given)
+def test_the_readme_best_recipe_is_hf_best_mnist_recipe_and_flags_override_a_recipe():
+    best = next(c for c in _readme_train_commands() if "--recipe" in c)
+    recipe = train.new_recipe(train.build_parser().parse_args(best))
     assert all(recipe[key] == value for key, value in hf.BEST_MNIST_RECIPE.items() if key != "config")
+    shorter = train.new_recipe(train.build_parser().parse_args(["--recipe", "best", "--epochs", "3"]))
+    assert shorter == {**recipe, "epochs": 3}, "a flag given overrides the recipe's value, and only that one"
+
+
+@pytest.mark.parametrize("argv", [["--epoch", "3"], ["--stop", "1"], ["--recipe", "fastest"]])
+def test_abbreviated_flags_and_unknown_recipes_are_refused_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and argv[0] in err

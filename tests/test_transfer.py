@@ -33,14 +33,14 @@ def test_train_transferlearning_py_writes_train_pys_files_and_a_linear_probe_kee
     assert {p.name for p in (tmp_path / "out").iterdir()} == {f"{name}.pth", f"{name}.json", f"{name}.pkl",
                                                                f"{name}_loss_curves.png"}
     saved = hf.load_results(tmp_path / "out" / f"{name}.pkl")
-    assert len(saved["val_acc"]) == 2 and isinstance(saved["test_acc"], float), "epochs validated, tested once"
+    assert len(saved["val_acc"]) == 2 and isinstance(saved["final_test_acc"], float), "epochs validated, tested once"
 
     # The checkpoint carries what rebuilds and feeds the model: config, dataset, normalisation, recipe
     checkpoint = hf.load_checkpoint(tmp_path / "out" / f"{name}.pth")
     assert checkpoint["config"] == {**pretrained.config, "num_classes": 10}
     assert (checkpoint["dataset"], checkpoint["mean"], checkpoint["std"]) == ("mnist", hf.MNIST_MEAN, hf.MNIST_STD)
     assert checkpoint["recipe"]["mode"] == "probe" and checkpoint["recipe"]["num_labels"] == 20
-    tuned = hf.load_vit(tmp_path / "out" / f"{name}.pth")
+    tuned = hf.load_model(tmp_path / "out" / f"{name}.pth")
 
     # Only the head learned
     before, after = pretrained.state_dict(), tuned.state_dict()
@@ -49,7 +49,7 @@ def test_train_transferlearning_py_writes_train_pys_files_and_a_linear_probe_kee
 
 
 def test_freeze_backbone_keeps_frozen_parameters_fixed_while_the_head_learns(tiny_vit):
-    model = hf.freeze_backbone(hf.new_head(tiny_vit(num_classes=7), num_classes=10))
+    model = hf.freeze_backbone(hf.replace_head(tiny_vit(num_classes=7), num_classes=10))
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
     assert hf.count_parameters(model, trainable_only=True) == 16 * 10 + 10 < hf.count_parameters(model)  # D * K + K
     assert torch.count_nonzero(model.head.weight) == 0, "the new head starts at zero (Sec. 3.2)"
@@ -77,10 +77,10 @@ def test_fine_tune_refuses_a_model_with_nothing_to_train(tiny_vit):
 
 
 def test_a_new_heads_checkpoint_rebuilds_the_model_without_guessing(tmp_path, tiny_vit):
-    model = hf.new_head(tiny_vit(), num_classes=5)
+    model = hf.replace_head(tiny_vit(), num_classes=5)
     torch.nn.init.normal_(model.head.weight)
     hf.save_model(model, tmp_path / "five.pth", dataset="mnist", mean=hf.MNIST_MEAN, std=hf.MNIST_STD)
-    rebuilt = hf.load_vit(tmp_path / "five.pth").eval()
+    rebuilt = hf.load_model(tmp_path / "five.pth").eval()
     images = tiny_digits(4).tensors[0]
     assert rebuilt.head.out_features == 5
     assert torch.equal(rebuilt(images), model.eval()(images))

@@ -81,9 +81,9 @@ def test_train_py_reads_the_test_set_once_at_the_end_and_validates_every_epoch(t
     setup = setups[0]
     assert sum(d is setup.test_data for d in reads) == 1, "the test set is read once"
     assert sum(d is setup.val_data for d in reads) == 3, "the validation set after every epoch"
-    assert len(results["val_acc"]) == 3 and isinstance(results["test_acc"], float)
+    assert len(results["val_acc"]) == 3 and isinstance(results["final_test_acc"], float)
     saved = json.loads((tmp_path / "vit_mnist.json").read_text())
-    assert saved["test_acc"] == results["test_acc"] and saved["val_acc"] == results["val_acc"]
+    assert saved["final_test_acc"] == results["final_test_acc"] and saved["val_acc"] == results["val_acc"]
 
 
 def test_a_resumed_run_holds_out_the_digits_its_checkpoint_saved(tiny_sizes):
@@ -111,7 +111,7 @@ def test_train_py_resume_continues_with_the_saved_split(tmp_path, monkeypatch):
     monkeypatch.setattr(hf.TrainingSetup, "__init__", recording_init)
     resumed = train.main(["--resume", "--out-dir", str(tmp_path), "--no-progress"])
     assert torch.equal(used[0], checkpoint["val_indices"]), "--resume passes the saved split to TrainingSetup"
-    assert len(resumed["val_acc"]) == 2 and "test_acc" in resumed
+    assert len(resumed["val_acc"]) == 2 and "final_test_acc" in resumed
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -122,6 +122,16 @@ def test_a_bad_val_split_flag_stops_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_results_saved_before_final_test_acc_had_its_name_load_in_todays_format(tmp_path):
+    old = {"train_loss": [1.0, 0.5], "train_acc": [0.5, 0.8], "val_loss": [0.9, 0.4], "val_acc": [0.6, 0.9],
+           "test_loss": 0.3, "test_acc": 0.95}  # the test set, read once, under the per-epoch names
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = hf.load_results(tmp_path / "old.json")
+    assert loaded["final_test_acc"] == 0.95 and loaded["final_test_loss"] == 0.3 and "test_acc" not in loaded
+    _, acc_ax = hf.plot_loss_curves(old).axes
+    assert list(acc_ax.lines[-1].get_ydata()) == [0.95], "drawn as the test set read once, at the end"
 
 
 def test_old_results_with_a_test_set_per_epoch_still_load_and_plot(tmp_path):
@@ -138,7 +148,7 @@ def test_fine_tune_with_a_validation_set_reads_the_test_set_once(tiny_vit):
     model = tiny_vit()
     results = hf.fine_tune(model, train_part, data, epochs=2, batch_size=20, warmup_epochs=0, device="cpu",
                            progress=False, val_data=val_part)
-    assert len(results["val_acc"]) == 2 and isinstance(results["test_acc"], float)
+    assert len(results["val_acc"]) == 2 and isinstance(results["final_test_acc"], float)
     train_images, _ = hf.validation_split(hf.get_mnist()[0], 5000)  # a Subset of the torchvision dataset
     labelled = hf.balanced_subset(train_images, 20)
     originals = {train_images.indices[i] for i in labelled.indices}
