@@ -41,13 +41,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from figures import draw_vit_architecture, plot_bug_vs_fix, plot_fix_sequences  # noqa: F401
-from machinery import (TORCHVISION_DATASETS, CheckpointError, DataNotAvailableError, RunExistsError,  # noqa: F401
-                       WeightsNotAvailableError, atomic_write_bytes, check_training_arguments,
+from machinery import (TORCHVISION_DATASETS, CheckpointError, DataNotAvailableError, RunExistsError,
+                       WeightsNotAvailableError, atomic_write_bytes, check_training_arguments, describe_run,
                        download_torchvision_weights, ensure_raw_files, hub_checkpoint_path, imagenet_weights_help,
                        interrupts_deferred, is_main_process, main_process_first, mixed_precision, parallelize,
-                       progress_bar, rank, read_checkpoint, read_results_file, rng_states, run_lock, describe_run,
+                       progress_bar, rank, read_checkpoint, read_image, read_results_file, rng_states, run_lock,
                        sealed_checkpoint, seed_per_process, set_rng_states, sum_across_processes, torch_load_checked,
-                       torchvision_weights, unwrap, verify_raw_files, world_size)
+                       torchvision_weights, unwrap, verify_raw_files, world_size)  # noqa: F401
 
 __all__ = [
     # 0. Setup and data (notebook 00)
@@ -57,9 +57,9 @@ __all__ = [
     "PatchEmbedding", "ImagePatches", "MultiHeadSelfAttention", "batch_dependence", "MLPBlock",
     "TransformerEncoderBlock", "shared_parameters",
     # 5. The Vision Transformer, its configurations and torchvision's weights (notebook 05)
-    "ViT", "add_checks", "VIT_CONFIGS", "PAPER_PARAMS", "vit_from_config", "count_parameters", "rename_torchvision_keys",
-    "load_torchvision_vit_weights", "IMAGENET_WEIGHTS", "torchvision_vit_checkpoint", "interpolate_position_embedding",
-    "resize_vit", "vit_shapes", "plot_vit_architecture",
+    "ViT", "add_checks", "VIT_CONFIGS", "PAPER_PARAMS", "vit_from_config", "count_parameters",
+    "rename_torchvision_keys", "load_torchvision_vit_weights", "IMAGENET_WEIGHTS", "torchvision_vit_checkpoint",
+    "interpolate_position_embedding", "resize_vit", "vit_shapes", "plot_vit_architecture",
     # 6. The classic bugs and their detectors (notebook 06)
     "LayerNormWithBugs", "TorchSelfAttention", "replace_layer_norms", "use_torch_attention",
     "remove_position_embeddings", "remove_mlp_activations", "reinitialise_with_randn", "ViTMeanOfAllTokens",
@@ -571,8 +571,8 @@ def _check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]
     shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        lines = ([f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}"] if missing else []) + \
-                ([f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"] if unexpected else []) + \
+        lines = [f"missing keys: {missing[:8]}{' ...' * (len(missing) > 8)}"] * bool(missing) + \
+                [f"unexpected keys: {unexpected[:8]}{' ...' * (len(unexpected) > 8)}"] * bool(unexpected) + \
                 [f"shape mismatch {s}" for s in shapes[:8]]
         raise ValueError("the weights do not fit this model (was it built with the same configuration?):\n  "
                          + "\n  ".join(lines))
@@ -636,8 +636,6 @@ def resize_vit(model: ViT, image_size: int) -> ViT:
 # The architecture as a figure: the paper's Figure 1, with the shapes of a configuration ------------------------------
 def _vit_arguments(config: str | dict[str, Any] | ViT) -> dict[str, Any]:
     """Every ``ViT`` argument of a configuration: a ``VIT_CONFIGS`` name, a dict of arguments, or a model."""
-    import inspect
-
     if isinstance(config, ViT):
         return dict(config.config)
     if isinstance(config, str):
@@ -1206,16 +1204,11 @@ def train(model: nn.Module, train_dataloader: DataLoader, test_dataloader: DataL
 
 class TrainingSetup:
     """Everything one training run needs, built from a recipe: datasets, loaders, model, loss, AdamW and schedule.
-
-    ``TrainingSetup(**MNIST_RECIPE)`` is notebook 07's run; train.py builds one from its command line. Extra keyword
-    arguments override the model configuration (e.g. ``patch_size=4``).
-
-    ``val_split`` training examples are held out (``validation_split``; 0, the default of a recipe that does not
-    name it, holds out none): ``train`` then evaluates on them after each epoch, and ``add_final_test`` reads the test
-    set once, at the end. ``val_indices`` (the held-out indices a checkpoint saved) rebuilds exactly that split when a
-    run is resumed. ``subset`` keeps the first N examples of the training part, of the validation set and of the test
-    set. The model is built on ``device`` and stays there; the optimizer is ``adamw_with_schedule``'s.
-    """
+    ``TrainingSetup(**MNIST_RECIPE)`` is notebook 07's run; extra keyword arguments override the model configuration
+    (e.g. ``patch_size=4``). ``val_split`` training examples are held out (``validation_split``; 0 holds out none):
+    ``train`` evaluates on them after each epoch, ``add_final_test`` reads the test set once, at the end.
+    ``val_indices`` (the held-out indices a checkpoint saved) rebuilds that split for a resumed run. ``subset`` keeps
+    the first N examples of each set. The model is built on ``device`` and stays there."""
 
     def __init__(self, config: str = "vit_mnist", dataset: str = "mnist", epochs: int = 10, batch_size: int = 128,
                  lr: float = 2e-3, weight_decay: float = 0.05, warmup_epochs: float = 1, label_smoothing: float = 0.0,
@@ -1379,13 +1372,6 @@ def load_results(path: str | Path) -> dict[str, Any]:
     """Read results saved by ``save_results``: the JSON file, or a .pkl (read without running any code); results saved
     before ``final_test_acc`` had its name come in today's format."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no results file at {path}; train first (python train.py) or check the path")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a results file; pass the .json or .pkl inside it")
-    if path.suffix in {".pth", ".pt"}:
-        raise ValueError(f"{path} is a checkpoint, not a results file; its results are "
-                         f"hf.load_checkpoint({str(path)!r})['history'], or pass the .json beside it")
     results = read_results_file(path)
     if not isinstance(results, dict) or "train_loss" not in results or not {"test_loss", "val_loss"} & set(results):
         raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc and val_loss, "
@@ -1490,22 +1476,6 @@ def get_trained_vit(recipe: dict[str, Any] = MNIST_RECIPE, path: str | Path | No
 
 
 # Your own digit: any image file prepared the way MNIST's digits were -------------------------------------------------
-def _read_image(path: str | Path):
-    """The image file at ``path`` as a PIL image; errors name the path and what was expected."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path}; expected a PNG or JPEG file (check the path)")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image)  # photos: turn them the way the camera was held
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path} is not an image that Pillow can read; expected a PNG or JPEG file "
-                         f"({error})") from None
-
-
 def read_digit_image(path: str | Path, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
     """An image file (PNG or JPEG, any size, colour or grey, light or dark background, transparent or not) prepared
     the way MNIST's digits were: (1, 28, 28), light ink on black, normalised with ``mean`` and ``std``.
@@ -1517,7 +1487,7 @@ def read_digit_image(path: str | Path, mean: float = MNIST_MEAN, std: float = MN
     """
     from PIL import Image
 
-    picture = _read_image(path)
+    picture = read_image(path)
     if "A" in picture.getbands() or "transparency" in picture.info:  # transparent parts: give them a background
         rgba = np.asarray(picture.convert("RGBA"), dtype=np.float64) / 255  # (height, width, 4)
         alpha = rgba[..., 3]

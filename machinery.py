@@ -609,6 +609,22 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise _RefusedClass(f"refusing to unpickle {module}.{name}: a results file holds plain data only")
 
 
+def read_image(path: str | Path):
+    """The image file at ``path`` as a PIL image; errors name the path and what was expected."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at {path}; expected a PNG or JPEG file (check the path)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)  # photos: turn them the way the camera was held
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path} is not an image that Pillow can read; expected a PNG or JPEG file "
+                         f"({error})") from None
+
+
 def remove_stale_temp_files(path: str | Path) -> list[Path]:
     """Remove the temporary files a killed save of ``path`` left beside it (``.<name>.<pid>.<random>.tmp`` whose
     process is gone, or the older ``.<name>.<random>.tmp``); returns those removed."""
@@ -739,7 +755,14 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
 
 def read_results_file(path: Path) -> Any:
     """The contents of a results file: JSON, or a .pkl read without running any code (a class named in it is
-    refused); a truncated or damaged file is a ValueError that names it and where the same history is kept."""
+    refused); a missing, truncated or damaged file, or a checkpoint, is an error that names it and the fix."""
+    if not path.exists():
+        raise FileNotFoundError(f"no results file at {path}; train first (python train.py) or check the path")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a results file; pass the .json or .pkl inside it")
+    if path.suffix in {".pth", ".pt"}:
+        raise ValueError(f"{path} is a checkpoint, not a results file; its results are "
+                         f"hf.load_checkpoint({str(path)!r})['history'], or pass the .json beside it")
     try:
         if path.suffix == ".pkl":
             with open(path, "rb") as f:
