@@ -1168,7 +1168,7 @@ TRAINING_DATASETS: dict[str, tuple[Callable, float, float]] = {
 def get_tensor_datasets(name: str = "mnist", limit: int | None = None) -> tuple[Dataset, Dataset]:
     """Training and test sets of ``name`` ("mnist" or "fashion-mnist") as normalised TensorDatasets (first ``limit``
     examples of each, if given). Every call with the same arguments returns the same tensors: do not change them in
-    place (``take`` and indexing copy)."""
+    place (indexing with a tensor of indices copies)."""
     if name not in TRAINING_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(TRAINING_DATASETS)}")
     get, mean, std = TRAINING_DATASETS[name]
