@@ -984,9 +984,11 @@ TRAINING_DATASETS: dict[str, tuple[Callable, float, float]] = {
 }
 
 
+@functools.lru_cache(maxsize=4)  # normalised once per process: a second TrainingSetup (or a subset of one) only slices
 def get_tensor_datasets(name: str = "mnist", limit: int | None = None) -> tuple[Dataset, Dataset]:
     """Training and test sets of ``name`` ("mnist" or "fashion-mnist") as normalised TensorDatasets (first ``limit``
-    examples of each, if given)."""
+    examples of each, if given). Every call with the same arguments returns the same tensors: do not change them in
+    place (indexing with a tensor of indices copies)."""
     if name not in TRAINING_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(TRAINING_DATASETS)}")
     get, mean, std = TRAINING_DATASETS[name]

@@ -25,8 +25,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,11 +150,14 @@ def build(lever: dict[str, Any], train_data: torch.utils.data.Dataset) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 repeats of 3 steps (of baseline and fused_adamw, unless --only)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 repeats of 3 steps (of baseline and fused_adamw, unless --only)")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(LEVERS)}")
     parser.add_argument("--repeats", type=machinery.positive_int, default=5)
-    parser.add_argument("--threads", type=machinery.positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--images", type=machinery.positive_int, default=3840, help="training images per measurement (default 3840)")
+    parser.add_argument("--threads", type=machinery.positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--images", type=machinery.positive_int, default=3840,
+                        help="training images per measurement (default 3840)")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "benchmarks" / "results" / "levers.json")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else ["baseline", "fused_adamw"] if args.quick else list(LEVERS)
@@ -186,7 +190,8 @@ def main() -> None:
         rows[name] = dict(settings=LEVERS[name], batch_size=batch_size, ms_per_step=round(1000 * per_step, 2),
                           images_per_second=round(batch_size / per_step, 1),
                           speedup=round(base / (per_step / batch_size), 3),
-                          compile_seconds=round(compile_seconds[name], 1), all_ms=[round(1000 * t, 2) for t in times[name]])
+                          compile_seconds=round(compile_seconds[name], 1),
+                          all_ms=[round(1000 * t, 2) for t in times[name]])
         r = rows[name]
         print(f"{name:28s} {r['ms_per_step']:8.1f} {r['images_per_second']:8.0f} {r['speedup']:11.2f}x "
               f"{r['compile_seconds']:9.1f}")

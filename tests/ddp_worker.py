@@ -1,16 +1,17 @@
-"""Run by tests/test_scaling.py under torchrun: a tiny ViT trained data-parallel with the shared engine; then every
-process saves its own weights and the metrics it was told, so the test can compare the processes directly."""
+"""Run by tests/test_scaling.py under torchrun, as a module from the repository's top level (``-m tests.ddp_worker``):
+a tiny ViT trained data-parallel with the shared engine; then every process saves its own weights and the metrics it
+was told, so the test can compare the processes directly."""
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import helper_functions as hf  # noqa: E402
-import machinery  # noqa: E402
+import helper_functions as hf
+import machinery
+from tests.conftest import TINY_SIZES
 
-TINY = dict(subset=256, batch_size=32, epochs=3, num_layers=1, embedding_dim=16, num_heads=2, mlp_size=32)
+TINY = dict(subset=256, batch_size=32, epochs=3, **TINY_SIZES)
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])

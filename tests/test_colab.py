@@ -16,10 +16,8 @@ import pytest
 import torch
 
 import helper_functions as hf
+from conftest import NOTEBOOKS, REPO
 from tools import colab_cells
-
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 
 def _cells(path: Path) -> tuple[dict, dict]:

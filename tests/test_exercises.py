@@ -6,11 +6,12 @@ followed by at least one executed code cell without an error.
 """
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+from conftest import REPO
+
+NOTEBOOKS = REPO / "notebooks"
 WITH_EXERCISES = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))  # every notebook ends with exercises
 EXERCISE = re.compile(r"^### Exercise (\d+) \((easy|medium|harder)\)", re.MULTILINE)
 

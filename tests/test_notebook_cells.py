@@ -14,14 +14,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import helper_functions as hf
+from conftest import REPO
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = REPO / "notebooks"
 STANDARD_IMPORTS = ("import math\nimport torch\nfrom torch import nn\nimport torch.nn.functional as F\n"
                     "from einops import rearrange, repeat\nfrom einops.layers.torch import Rearrange\n")
 MODEL_NOTEBOOKS = ["01_patch_embedding", "02_multi_head_self_attention", "03_mlp_block", "04_transformer_encoder",

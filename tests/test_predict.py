@@ -10,8 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import helper_functions as hf
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def draw_seven(path: Path, size=(200, 150), ink=(20, 20, 20), paper=(255, 255, 255), mode="RGB", width=12):

@@ -19,8 +19,8 @@ import helper_functions as hf
 import machinery
 import train
 import train_transferlearning
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TRANSFER = ["--scratch", "--epochs", "1", "--num-labels", "20", "--batch-size", "10", "--subset", "20", "--no-progress"]
 
 

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from torch import nn
 import helper_functions as hf
 import machinery
 import train
+from conftest import REPO
 from ddp_worker import TINY as WORKER_RECIPE
 
-REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -27,7 +26,7 @@ def _run(command: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_keep_identical_weights_and_share_the_data_and_the_metrics(tmp_path):
-    _run([*TORCHRUN, str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)])
+    _run([*TORCHRUN, "-m", "tests.ddp_worker", str(tmp_path)])
     weights = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), "DDP keeps the copies identical"

@@ -10,8 +10,7 @@ import torch
 
 import helper_functions as hf
 import train
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path, capsys, tiny_run):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ import torchvision
 import helper_functions as hf
 import machinery
 import train_transferlearning
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+
 def tiny_digits(n: int = 40):
     train_data, _ = hf.get_mnist()
     return hf.tensor_dataset(train_data, hf.MNIST_MEAN, hf.MNIST_STD, limit=n)

@@ -7,9 +7,9 @@ import torch
 
 import helper_functions as hf
 import train
+from conftest import TINY_RUN as _TINY_RUN
 
-TINY_RUN = ["--subset", "128", "--batch-size", "64", "--depth", "1", "--embedding-dim", "16", "--heads", "2",
-            "--mlp-size", "32", "--no-augment", "--no-progress"]
+TINY_RUN = [*_TINY_RUN, "--subset", "128", "--no-augment"]  # the shared flags, on half the digits, unaugmented
 
 
 def test_the_validation_and_training_parts_are_disjoint_and_cover_the_training_set():

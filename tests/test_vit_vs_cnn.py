@@ -5,14 +5,13 @@ import inspect
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import helper_functions as hf
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "10_vit_vs_cnn.ipynb"
 
 

@@ -71,8 +71,13 @@ def setup_cell(repo: str | None = None) -> str:
     """The first code cell of every notebook, cloning ``repo`` (default ``repository()``) in Colab."""
     repo = repo or repository()
     name = repo.split("/")[1]
-    return f'''# Setup. In Colab: fetch this repository and the packages Colab lacks. Anywhere else: only find helper_functions.py.
-import importlib.util, os, pathlib, subprocess, sys
+    return f'''\
+# Setup. In Colab: fetch this repository and the packages Colab lacks. Anywhere else: only find helper_functions.py.
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
 
 if "google.colab" in sys.modules and not pathlib.Path("../helper_functions.py").exists():
     repo = pathlib.Path("/content/{name}")
