@@ -2,7 +2,7 @@
 of the same notebook whose output nbval compares, or its sentence names its source.
 
 What looks measured (markdown text only; code spans, fenced code, URLs and headings' section numbers are skipped):
-  percentage    98.7%, 5 %
+  percentage    98.7%, 5 %, and both ends of a range of percentages: 98.9-99.1%, 99.03% (98.96-99.14)
   decimal       0.657, 2.30, and LaTeX's 4.7 \\cdot 10^{-4}; not a version (2.14.1) nor a reference (Section 3.1,
                 Sec. 3.2, Appendix B.1, Eq. 4, Table 1, Figure 7, section 1.3, step 5)
   count         9 epochs (9-epoch), 3 times, 27× or 27x (a ratio: not 429 × 128, nor 28x28), 5.0 points, and
@@ -63,10 +63,10 @@ MAX_WORDS = 220  # "no markdown cell over about 200 words"
 BLOG_NUMBERS = ("2.305 2.367 2.301 2.298 2.300 2.303 2.304 2.312 2.309 2.297 2.308 2.299 2.311 2.331 2.291 "
                 "0 10 8 768 3").split()
 BLOG = re.compile(r"\bblog\b|\bthe post\b", re.IGNORECASE)
-SOURCES = re.compile(
-    r"\bthe paper\b|\bpaper's\b|Dosovitskiy|\bet al\.|\bTables? \d|\bFigures? \d|\bAppendix [A-E]\b|"
-    r"\bSec(?:tion|\.) \d+\.\d|\bSection \d|fbrynpk|torchvision|\btimm\b|vit-pytorch|lucidrains|"
-    r"Annotated Transformer|harvardnlp|PyTorch(?:'s)? documentation|LeNet|LeCun", re.IGNORECASE)
+SOURCES = re.compile(  # the paper's own references are capitalised; this repository's "section 4" is not a source
+    r"\bTables? \d|\bFigures? \d|\bAppendix [A-E]\b|\bSection \d+\.\d|\bSec\. \d|— Section \d|"
+    r"(?i:\bthe paper\b|\bpaper's\b|Dosovitskiy|\bet al\.|fbrynpk|torchvision|\btimm\b|vit-pytorch|lucidrains|"
+    r"Annotated Transformer|harvardnlp|PyTorch(?:'s)? documentation|LeNet|LeCun|mrdbourke|Learn PyTorch)")
 NAMED_NOTEBOOK = re.compile(r"\bnotebooks? (\d\d)(?:\s*[-–]\s*(\d\d))?|\b(\d\d)_\w+\.ipynb")
 NAMED_MEASUREMENT = re.compile(r"benchmarks/")
 
@@ -77,6 +77,8 @@ SCALE = {"k": Decimal(1000), "M": Decimal(10) ** 6, "B": Decimal(10) ** 9, "thou
 AFTER_SCALE = re.compile(r"(?:(k|M|B)(?![A-Za-z0-9])|\s(thousand|million|billion)\b)")
 AFTER_POWER = re.compile(r"\s*(?:\\cdot|\\times|·|×)\s*10\^\{?([-−]?\d+)\}?")
 AFTER_PERCENT = re.compile(r"\s?(?:%|\\%)")
+IN_A_PERCENT_RANGE_AFTER = re.compile(r"\s*[-–]\s*\d+(?:\.\d+)?\s?%")  # 98.9-99.1%: both are percentages
+IN_A_PERCENT_RANGE_BEFORE = re.compile(r"%\s*\((?:\d+(?:\.\d+)?\s*[-–]\s*)?$")  # 99.03% (98.96-99.14)
 AFTER_UNIT = re.compile(r"(?:\s|-)(epochs?|times|points?|seconds?|s|minutes?|min|hours?)\b(?!-)|\s?(×|x)(?![\w\d])"
                         r"(?!\s*\d)")
 BEFORE_APPROX = re.compile(r"(?:~|≈|\\approx|\\sim|\babout|\baround|\broughly|\bnearly|\balmost|\bsome)\s*\$?\s*$",
@@ -157,10 +159,10 @@ def clean_markdown(text: str) -> Prose:
 
 
 def sentences(prose: Prose) -> list[tuple[str, str, str]]:
-    """(sentence, as written, context) triples: paragraphs, list items and table rows first, then sentences at . ! ? before a
-    capital. The context is where a source may be named: the sentence itself, or a whole quotation (a quoted block
-    ends with its attribution, "— Section 4.1"). The sentence keeps its code and links hidden; the other two have
-    them back."""
+    """(sentence, as written, context) triples: paragraphs, list items and table rows first, then sentences at . ! ?
+    before a capital. The context is where a source may be named: the sentence itself, or a whole quotation (a quoted
+    block ends with its attribution, "— Section 4.1"). The sentence keeps its code and links hidden; the other two
+    have them back."""
     protected = ABBREVIATIONS.sub(lambda match: match.group(0).replace(".", "\0"), prose.text)
     blocks = re.split(r"\n\s*\n|\n(?=\s*(?:[-*+]|\d+\.)\s)|\n(?=\s*\|)|\n(?=#)", protected)
     result = []
@@ -208,7 +210,8 @@ def measured_looking(sentence: str) -> list[ProseNumber]:
             scale *= Decimal(10) ** int(power.group(1).replace("−", "-"))
             rest = rest[power.end():]
         quantity = _quantity(integer, frac, scale, approximate)
-        if AFTER_PERCENT.match(rest):
+        percent_range = IN_A_PERCENT_RANGE_AFTER.match(rest) or IN_A_PERCENT_RANGE_BEFORE.search(before)
+        if AFTER_PERCENT.match(rest) or percent_range:
             found.append(ProseNumber(text, Quantity(quantity.value, quantity.quantum, True), "percent"))
         elif (unit := AFTER_UNIT.match(rest)) is not None and not (frac and unit.group(1) and
                                                                     unit.group(1).lower().startswith("epoch")):
@@ -492,6 +495,8 @@ def test_documents_numbers_come_from_measurements(path):
     ("a difference of 4.7 \\cdot 10^{-4}.", "differs by up to 4.7e-04", True),
     ("ViT-B has 86.6M parameters.", "ours 86.6M", True),
     ("about 85 million parameters.", "85,054,464", True),
+    ("99.03% (98.96-99.14) over seeds.", "mean 0.99033 min 0.9896 max 0.9914", True),
+    ("99.03% (98.96-99.15) over seeds.", "mean 0.99033 min 0.9896 max 0.9914", False),
 ])
 def test_a_prose_number_is_backed_only_by_an_output_that_rounds_to_it(prose, shown, backed):
     evidence = Evidence(shown=shown_numbers(shown))
