@@ -14,7 +14,8 @@ Where a number may come from (the first that matches wins):
   1. The text output of a code cell of the same notebook whose output nbval compares: not marked NBVAL_IGNORE_OUTPUT
      (a comment line) or nbval-ignore-output (a cell tag), not skipped. nbval's sanitize patterns are applied first.
   2. A number written in the code of a cell nbval runs: a setting (``lr=0.01``) or a bound a cell asserts
-     (``assert acc > 0.98``, which prose may give as 98%). Exactly that value.
+     (``assert acc > 0.98``, which prose may give as 98% or "98 points"). Exactly that value; a percentage or a
+     count of points only as such a fraction, a ratio ("3 times") never as a whole number.
   3. A notebook the sentence names ("notebook 07", "notebooks 02-04", ``07_training_on_mnist.ipynb``): its compared
      outputs and its code, as in 1 and 2.
   4. A measurement file the sentence names (``benchmarks/...``): every number in benchmarks/measured/*.json, and
@@ -368,10 +369,13 @@ def _backed(number: ProseNumber, evidence: Evidence) -> bool:
 
     if any(relevant(line) and _matches(number, quantity) for quantity, line in evidence.shown):
         return True
-    targets = {number.quantity.value}
-    if number.kind == "percent" or number.unit == "points":
-        targets.add(number.quantity.value / 100)
-    return any(relevant(line) and value in targets for value, line in evidence.written)
+    if number.kind == "percent" or number.unit == "points":  # 98% <- assert accuracy > 0.98, never range(98)
+        targets = {number.quantity.value / 100}
+    else:
+        targets = {number.quantity.value}
+    integers_count = number.unit != "ratio"  # "3 times" is no range(3)
+    return any(relevant(line) and value in targets and (integers_count or value != value.to_integral_value())
+               for value, line in evidence.written)
 
 
 def _blog_backed(number: ProseNumber) -> bool:
