@@ -2151,11 +2151,10 @@ def unregistered_embeddings(model: ViT) -> ViT:
     """pytorch/examples before PR #1204: ``nn.Parameter(torch.randn(...)).to(device)``. On a GPU ``.to`` returns a
     copy, a plain tensor, so the class token and E_pos were no parameters: no optimizer updated them, no state dict
     saved them. ``.clone()`` makes the same copy here, on any device."""
-    for name in ("class_token", "position_embedding"):
-        if getattr(model, name) is not None:
-            plain = getattr(model, name).clone()  # a tensor computed from the Parameter, as .to("cuda") returns
-            delattr(model, name)  # a registered parameter cannot be overwritten by a plain tensor
-            setattr(model, name, plain)
+    for name in [name for name in ("class_token", "position_embedding") if getattr(model, name) is not None]:
+        plain = getattr(model, name).clone()  # a tensor computed from the Parameter, as .to("cuda") returns
+        delattr(model, name)  # a registered parameter cannot be overwritten by a plain tensor
+        setattr(model, name, plain)
     return model
 
 
@@ -2167,14 +2166,11 @@ def unregistered_tensors(model: nn.Module) -> list[str]:
 
 
 class EncoderBlockWithBugs(TransformerEncoderBlock):
-    """``TransformerEncoderBlock`` with a LayerNorm in the residual stream, as two public codebases had it; the weights
-    and state-dict keys are the block's.
-
-    ``"normalised_residual"`` (d2l-ai/d2l-en before PR #2283): the input is normalised once and both residuals start
-        from the normalised copy: LN1(x) + MLP(LN2(LN1(x) + MSA(LN1(x)))).
-    ``"norm_in_stream"`` (SHI-Labs/Compact-Transformers #25, a bad merge): the stream itself is normalised between the
-        sub-layers: z = LN2(x + MSA(LN1(x))), then z + MLP(z).
-    """
+    """``TransformerEncoderBlock`` with a LayerNorm in the residual stream, as two public codebases had it (weights and
+    state-dict keys are the block's). ``"normalised_residual"`` (d2l-ai/d2l-en before PR #2283): the residuals start
+    from the normalised input, LN1(x) + MLP(LN2(LN1(x) + MSA(LN1(x)))). ``"norm_in_stream"`` (SHI-Labs/
+    Compact-Transformers #25, a bad merge): the stream is normalised between the sub-layers, z = LN2(x + MSA(LN1(x))),
+    then z + MLP(z)."""
 
     BUGS = ("normalised_residual", "norm_in_stream")
     bug = "normalised_residual"
@@ -2189,13 +2185,10 @@ class EncoderBlockWithBugs(TransformerEncoderBlock):
 
 
 class AttentionWithBugs(MultiHeadSelfAttention):
-    """``MultiHeadSelfAttention`` with a slip from the wild; the weights and state-dict keys are the layer's.
-
-    ``"scaled_by_width"`` (lucidrains/vit-pytorch #65): scores divided by sqrt(D), the model's width, instead of
-        sqrt(D_h), the head's: sqrt(k) times too small.
-    ``"softmax_over_queries"`` (nerminnuraydogan/vision-transformer #1): ``softmax(dim=1)`` of (batch, N, N) scores
-        normalises each column of A (over the queries) instead of each row (over the keys).
-    """
+    """``MultiHeadSelfAttention`` with a slip from the wild (weights and state-dict keys are the layer's).
+    ``"scaled_by_width"`` (lucidrains/vit-pytorch #65): scores divided by sqrt(D), the model's width, not sqrt(D_h),
+    the head's: sqrt(k) times too small. ``"softmax_over_queries"`` (nerminnuraydogan/vision-transformer #1):
+    ``softmax(dim=1)`` of (batch, N, N) scores normalises each column of A (over the queries), not each row."""
 
     BUGS = ("scaled_by_width", "softmax_over_queries")
     bug = "scaled_by_width"
