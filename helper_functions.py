@@ -10,6 +10,7 @@
 8. Notebook 08: looking inside a trained ViT (filters, position-embedding similarity, attention rollout, distance).
 9. Notebook 09: transfer learning, a pretrained backbone with a new head, frozen or fine-tuned.
 10. Notebook 10: a CNN of the same size as the MNIST ViT, pixel-shuffled digits.
+11. Notebook 11: bugs that shipped in public ViT code, as importable variants, and the detectors new to them.
 
 What no notebook teaches (several processes under torchrun, the offline download sources and their checksums, safe
 unpicklers, the scripts' command-line pieces, run locks, atomic writes, digests) is in machinery.py, and the drawing
@@ -20,6 +21,7 @@ checks), and from then on imports it.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import io
@@ -1850,3 +1852,156 @@ def train_classifier(model: nn.Module, train_data: Dataset, test_data: Dataset, 
                                                round(warmup * total_steps))
     return train(model, train_loader, test_loader, optimizer, nn.CrossEntropyLoss(), epochs, device, scheduler,
                  progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 11. Bugs from the wild (notebook 11)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# Bugs that shipped in public ViT code and were reported and fixed in public; notebook 11 links each thread. As in
+# section 6, each injector takes a correct model and swaps one part for its buggy twin, keeping the weights it can.
+def batch_sized_embeddings(model: ViT, batch_size: int) -> ViT:
+    """pytorch/examples #1178: the class token and E_pos of shape (batch_size, 1, D), drawn from N(0, 1), as the
+    official example made them: one vector per slot of the batch, added to every token of the image in that slot. The
+    model then runs only on batches of exactly ``batch_size`` and cannot tell where a patch was."""
+    dim = model.position_embedding.shape[-1]
+    if model.class_token is not None:
+        model.class_token = nn.Parameter(torch.randn(batch_size, 1, dim))
+    model.position_embedding = nn.Parameter(torch.randn(batch_size, 1, dim))
+    return model
+
+
+def unregistered_embeddings(model: ViT) -> ViT:
+    """pytorch/examples before PR #1204: ``nn.Parameter(torch.randn(...)).to(device)``. On a GPU ``.to`` returns a
+    copy, a plain tensor, so the class token and E_pos were no parameters: no optimizer updated them, no state dict
+    saved them. ``.clone()`` makes the same copy here, on any device."""
+    for name in [name for name in ("class_token", "position_embedding") if getattr(model, name) is not None]:
+        plain = getattr(model, name).clone()  # a tensor computed from the Parameter, as .to("cuda") returns
+        delattr(model, name)  # a registered parameter cannot be overwritten by a plain tensor
+        setattr(model, name, plain)
+    return model
+
+
+def unregistered_tensors(model: nn.Module) -> list[str]:
+    """Tensors that the modules of ``model`` hold as plain attributes, neither parameters nor buffers: no optimizer
+    sees them, no state dict saves them, ``model.to(device)`` leaves them behind. [] for a sound model."""
+    return [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            for name, value in vars(module).items() if isinstance(value, torch.Tensor)]
+
+
+class EncoderBlockWithBugs(TransformerEncoderBlock):
+    """``TransformerEncoderBlock`` with a LayerNorm in the residual stream, as two public codebases had it (weights and
+    state-dict keys are the block's). ``"normalised_residual"`` (d2l-ai/d2l-en before PR #2283): the residuals start
+    from the normalised input, LN1(x) + MLP(LN2(LN1(x) + MSA(LN1(x)))). ``"norm_in_stream"`` (SHI-Labs/
+    Compact-Transformers #25, a bad merge): the stream is normalised between the sub-layers, z = LN2(x + MSA(LN1(x))),
+    then z + MLP(z)."""
+
+    BUGS = ("normalised_residual", "norm_in_stream")
+    bug = "normalised_residual"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, seq, embedding_dim) in and out
+        if self.bug == "normalised_residual":  # d2l's ViTBlock.forward, in our names
+            x = self.ln_1(x)
+            return x + self.mlp(self.ln_2(x + self.dropout(self.self_attention(x))))
+        x = x + self.dropout(self.self_attention(self.ln_1(x)))  # CCT's TransformerEncoderLayer.forward, in our names
+        x = self.ln_2(x)
+        return x + self.mlp(x)
+
+
+class AttentionWithBugs(MultiHeadSelfAttention):
+    """``MultiHeadSelfAttention`` with a slip from the wild (weights and state-dict keys are the layer's).
+    ``"scaled_by_width"`` (lucidrains/vit-pytorch #65): scores divided by sqrt(D), the model's width, not sqrt(D_h),
+    the head's: sqrt(k) times too small. ``"softmax_over_queries"`` (nerminnuraydogan/vision-transformer #1):
+    ``softmax(dim=1)`` of (batch, N, N) scores normalises each column of A (over the queries), not each row."""
+
+    BUGS = ("scaled_by_width", "softmax_over_queries")
+    bug = "scaled_by_width"
+
+    def weights_from(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        width = self.qkv.in_features if self.bug == "scaled_by_width" else q.shape[-1]  # D instead of D_h
+        scores = q @ k.transpose(-2, -1) / math.sqrt(width)  # (batch, heads, queries, keys)
+        return scores.softmax(dim=-2 if self.bug == "softmax_over_queries" else -1)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, _ = self.queries_keys_values(x)
+        return self.weights_from(q, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # without attention dropout (vit_mnist has none)
+        q, k, v = self.queries_keys_values(x)
+        return self.out_proj(rearrange(self.weights_from(q, k) @ v, "b h n d -> b n (h d)"))
+
+
+def _with_bug(module: nn.Module, buggy_class: type, bug: str) -> None:
+    if bug not in buggy_class.BUGS:
+        raise ValueError(f"bug must be one of {buggy_class.BUGS}, got {bug!r}")
+    module.__class__, module.bug = buggy_class, bug  # only forward differs: the weights stay
+
+
+def encoder_blocks_with_bug(model: ViT, bug: str) -> ViT:
+    """Every encoder block of ``model`` becomes an ``EncoderBlockWithBugs`` with ``bug``, in place."""
+    for block in model.encoder:
+        _with_bug(block, EncoderBlockWithBugs, bug)
+    return model
+
+
+def attention_with_bug(model: ViT, bug: str) -> ViT:
+    """Every attention layer of ``model`` becomes an ``AttentionWithBugs`` with ``bug``, in place."""
+    for block in model.encoder:
+        _with_bug(block.self_attention, AttentionWithBugs, bug)
+    return model
+
+
+@torch.no_grad()
+def residual_identity_gap(model: ViT, images: torch.Tensor) -> float:
+    """Eqs. 2-3 add each sub-layer to its input, so with every sub-layer silenced (its last dense layer zeroed) the
+    encoder must pass the tokens of ``images`` through unchanged. Returns max |encoder(z) - z| / max |z| for a silenced
+    copy of ``model``: exactly 0 for Eqs. 2-3; a LayerNorm in the residual stream leaves a large fraction of 1."""
+    silenced = copy.deepcopy(model).eval()
+    for block in silenced.encoder:
+        for layer in (block.self_attention.out_proj, block.mlp[3]):  # U_msa and the MLP's second dense layer
+            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+    tokens = silenced.embed(images)  # (batch, num_tokens, embedding_dim)
+    return _relative_change(tokens, silenced.encoder(tokens))
+
+
+@torch.no_grad()
+def attention_reference_gap(model: ViT, images: torch.Tensor) -> float:
+    """Largest |ours - PyTorch's| over the encoder's attention layers, each compared with ``nn.MultiheadAttention``
+    holding its weights (``TorchSelfAttention.from_ours``) on the tokens that reach it from ``images`` (eval mode).
+    Float32 rounding leaves about 1e-6; a wrong scale or softmax axis leaves far more."""
+    model.eval()
+    x, gaps = model.embed(images), []
+    for block in model.encoder:
+        tokens = block.ln_1(x)  # what the attention layer sees
+        gaps.append(max_abs_difference(block.self_attention, TorchSelfAttention.from_ours(block.self_attention), tokens))
+        x = block(x)
+    return max(gaps)
+
+
+def vit_pytorch_0_2_7_layout(model: ViT) -> ViT:
+    """lucidrains/vit-pytorch #39: version 0.2.7's ViT-B counted 91M parameters against Table 1's 86M. Its head had a
+    hidden layer of the MLP size (Linear(D, M), GELU, Linear(M, classes), where fine-tuning uses one Linear) and its
+    qkv projection had no bias. Both applied to ``model``, in place."""
+    width, hidden, classes = model.head.in_features, model.config["mlp_size"], model.head.out_features
+    model.head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(model.config["dropout"]),
+                               nn.Linear(hidden, classes))
+    for block in model.encoder:
+        block.self_attention.qkv.register_parameter("bias", None)
+    return model
+
+
+class ViTNormThenPool(ViT):
+    """The final LayerNorm applied to every token before pooling, as the paper's code does (vit_jax: ``encoder_norm``,
+    then ``gap``). ``ViT`` pools first, the order lucidrains/vit-pytorch had before PR #274; for the class token the
+    two orders agree, for mean pooling they differ."""
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.norm(self.encoder(self.embed(images)))  # (batch, num_tokens, embedding_dim), every token normalised
+        return z[:, 0] if self.pool == "cls" else z.mean(dim=1)  # (batch, embedding_dim)
+
+
+def norm_then_pool(model: ViT) -> ViTNormThenPool:
+    """``model`` made to normalise its tokens before pooling (PR #274's order), in place: only ``features`` differs."""
+    model.__class__ = ViTNormThenPool
+    return model
