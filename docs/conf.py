@@ -7,6 +7,8 @@ folder as the configuration folder). Nothing here executes a notebook: the site 
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -80,12 +82,29 @@ copybutton_exclude = ".linenos, .gp, .go"
 suppress_warnings = ["myst.header"]  # notebooks open with a badge line before their title, and some skip a level
 
 
+# Inside $$ ... $$, a line that starts like a Markdown block ("+ x", "- x", "> x", "1. x") would end the paragraph in
+# MyST's parser (Jupyter hides math from Markdown first, so the notebooks show it fine): it is joined to the line before,
+# which TeX reads the same.
+DISPLAY_MATH = re.compile(r"\$\$.+?\$\$", re.DOTALL)
+BLOCK_START = re.compile(r"\n(?=[ ]{0,3}(?:[-+*>][ ]|\d+[.)][ ]))")
+
+
+def _math_kept_whole(markdown: str) -> str:
+    return DISPLAY_MATH.sub(lambda math: BLOCK_START.sub(" ", math[0]), markdown)
+
+
 def _add_sidebar_and_local_badge(app, docname, source):
-    """Give the front page its hidden tables of contents, and each notebook a badge image served by the site."""
+    """Give the front page its hidden tables of contents, and each notebook a badge image served by the site and its
+    display math kept in one piece."""
     if docname == root_doc:
         source[0] += SIDEBAR
     elif docname.startswith("notebooks/"):
-        source[0] = source[0].replace(COLAB_BADGE, LOCAL_BADGE)
+        notebook = json.loads(source[0].replace(COLAB_BADGE, LOCAL_BADGE))
+        for cell in notebook["cells"]:
+            if cell["cell_type"] == "markdown":
+                text = "".join(cell["source"])
+                cell["source"] = _math_kept_whole(text)
+        source[0] = json.dumps(notebook)
 
 
 def setup(app):

@@ -112,6 +112,7 @@ def visits(site, server, browser) -> dict[str, dict]:
 
     context.route("**/*", refuse_other_hosts)
     page = context.new_page()
+    page.set_default_timeout(120_000)  # generous: on a shared, busy CPU a page with MathJax can take tens of seconds
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda error: problems.append(f"a JavaScript error: {error}"))
     page.on("requestfailed", lambda r: problems.append(f"failed: {r.url} ({r.failure})")
@@ -151,7 +152,7 @@ def visits(site, server, browser) -> dict[str, dict]:
             page.screenshot(path=str(ARTIFACTS / f"{file_name}.png"))
     # The search page, asked for a word every notebook uses.
     page.goto(server + "search.html?q=attention", wait_until="load")
-    page.wait_for_selector("#search-results li", timeout=20_000)
+    page.wait_for_selector("#search-results li")
     results["search?q=attention"] = {"hits": page.locator("#search-results li").count(), "problems": list(problems)}
     page.screenshot(path=str(ARTIFACTS / "search_attention.png"))
     context.close()
