@@ -31,15 +31,18 @@ def build(out: Path = SITE_DIR, strict: bool = False, quiet: bool = True) -> lis
             raise SystemExit(f"{out} holds something other than an earlier build of the site; "
                              "choose another --out or empty it")
         shutil.rmtree(out)
+    # Sphinx writes into a scratch folder first: MyST-NB also puts a jupyter_execute/ folder beside its output folder,
+    # which would otherwise land next to --out (in the repository, for _site/).
     with tempfile.TemporaryDirectory() as scratch:
         warnings_file = Path(scratch) / "warnings.txt"
         argv = ["-b", "html", "-c", str(REPO_DIR / "docs"), "-d", str(Path(scratch) / "doctrees"),
                 "-w", str(warnings_file), "--jobs", "1", *(["-q"] if quiet else []),
-                *(["-W", "--keep-going"] if strict else []), str(REPO_DIR), str(out)]
+                *(["-W", "--keep-going"] if strict else []), str(REPO_DIR), str(Path(scratch) / "html")]
         status = build_main(argv)
         warnings = [line for line in warnings_file.read_text().splitlines() if "WARNING" in line or "ERROR" in line]
-    if status:
-        raise SystemExit(f"the site did not build (Sphinx exit code {status}); its messages are above")
+        if status:
+            raise SystemExit(f"the site did not build (Sphinx exit code {status}); its messages are above")
+        shutil.move(Path(scratch) / "html", out)
     shutil.copyfile(out / "README.html", out / "index.html")  # the front door at the site's address
     (out / ".nojekyll").touch()  # GitHub Pages: serve _static/ and _images/ as they are
     return warnings
