@@ -44,8 +44,8 @@ RAW_TEX = r"\$\$|\$[^$\s][^$\n]*?[^$\s\\]\$|\\\(|\\\[|\\(?:frac|mathbf|mathrm|op
 
 def _missing(what: str, fix: str):
     if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing in CI: .ci/run should have installed it ({fix})")
-    pytest.skip(f"{what} is missing: {fix}")
+        pytest.fail(f"missing in CI: {what}; .ci/run should have installed it ({fix})")
+    pytest.skip(f"missing: {what}; to run these tests: {fix}")
 
 
 @pytest.fixture(scope="session")
