@@ -53,11 +53,17 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
         assert list(acc_ax.lines[2].get_ydata()) == [straight["final_test_acc"]], "the test set: one point, at the end"
 
 
-def test_the_readme_command_train_py_epochs_1_runs(tmp_path, tiny_run):
+def test_the_readme_first_command_trains_one_epoch_and_can_be_run_twice(tmp_path, tiny_run):
+    readme = (REPO / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if line.startswith(".venv/bin/python train.py"))
+    argv = first.split("#")[0].split(" train.py", 1)[1].split()
+    assert argv[:2] == ["--epochs", "1"] and "--overwrite" in argv, first
+    name = argv[argv.index("--name") + 1]
+    for _ in range(2):  # the second run replaces the first instead of stopping on it
+        results = train.main([*argv, "--out-dir", str(tmp_path), *tiny_run])
+        assert len(results["val_acc"]) == 1 and isinstance(results["final_test_acc"], float)
     # The default warm-up (1 epoch) would fill a 1-epoch run; it shrinks to a tenth of the run instead.
-    results = train.main(["--epochs", "1", "--out-dir", str(tmp_path), *tiny_run])
-    assert len(results["val_acc"]) == 1 and isinstance(results["final_test_acc"], float)
-    assert hf.load_checkpoint(tmp_path / "vit_mnist.pth")["recipe"]["warmup_epochs"] == 0.1
+    assert hf.load_checkpoint(tmp_path / f"{name}.pth")["recipe"]["warmup_epochs"] == 0.1
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -119,10 +125,12 @@ def test_get_trained_vit_loads_a_saved_run_of_notebook_07s_recipe_without_traini
 
 
 def _readme_train_commands() -> list[list[str]]:
-    """The flags of every `train.py` command in README.md's code blocks (comments and the venv prefix left out)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The flags of every `train.py` command in the code blocks of README.md and the pages in docs/ (where the
+    command-line guide, docs/training.md, moved), comments and the venv prefix left out."""
+    repo = Path(__file__).resolve().parents[1]
+    pages = "\n".join(path.read_text() for path in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))])
     commands = []
-    for line in readme.splitlines():
+    for line in pages.splitlines():
         command = line.split("#")[0]
         if " train.py" in command and command.lstrip().startswith((".venv/bin/python", "python")):
             commands.append(command.split(" train.py", 1)[1].split())
