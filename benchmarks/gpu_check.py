@@ -43,9 +43,10 @@ NO_DROPOUT = dict(dropout=0.0, attn_dropout=0.0, embedding_dropout=0.0)  # torch
 SIZES: dict[str, dict[str, Any]] = {  # the GPU's sizes, and toy ones for the CPU pass
     "cuda": dict(recipe={}, best={}, best_epochs=2, vit={**hf.VIT_CONFIGS["vit_b_16"], **NO_DROPOUT}, vit_batch=64,
                  vit_steps=10, vit_repeats=3, compile=True),
-    "cpu": dict(recipe=dict(subset=256, epochs=2, warmup_epochs=0.5), best=dict(subset=256, epochs=2, warmup_epochs=0.5),
-                best_epochs=1, vit=dict(image_size=32, patch_size=16, num_layers=2, num_heads=2, embedding_dim=32,
-                                        mlp_size=64, num_classes=10, **NO_DROPOUT),
+    "cpu": dict(recipe=dict(subset=256, epochs=2, warmup_epochs=0.5),
+                best=dict(subset=256, epochs=2, warmup_epochs=0.5), best_epochs=1,
+                vit=dict(image_size=32, patch_size=16, num_layers=2, num_heads=2, embedding_dim=32, mlp_size=64,
+                         num_classes=10, **NO_DROPOUT),
                 vit_batch=4, vit_steps=2, vit_repeats=1, compile=False),
 }
 
@@ -53,6 +54,19 @@ SIZES: dict[str, dict[str, Any]] = {  # the GPU's sizes, and toy ones for the CP
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """``report`` as JSON at ``path``, written whole or not at all (a temporary file, then a rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def test_accuracy(setup: hf.TrainingSetup, amp: bool) -> float:
+    """The test accuracy, read once (``TrainingSetup.test`` returns a dict, or a (loss, accuracy) pair)."""
+    result = setup.test(amp=amp)
+    return float(result["test_acc"] if isinstance(result, dict) else result[1])
 
 
 def train_recipe(recipe: dict[str, Any], device: torch.device, amp: bool = False, compile: bool = False,
@@ -77,7 +91,7 @@ def train_recipe(recipe: dict[str, Any], device: torch.device, amp: bool = False
                    round(sum(seconds[1:]) / len(seconds[1:]), 2) if len(seconds) > 1 else None),
                **{f"{held_out}_per_epoch": [round(a, 4) for a in results[held_out]]})
     if stop_after is None:
-        out["test_acc"] = round(setup.test(amp=amp)["test_acc"], 4)
+        out["test_acc"] = round(test_accuracy(setup, amp), 4)
     return out
 
 
@@ -97,7 +111,7 @@ def vit_images_per_second(config: dict[str, Any], device: torch.device, batch: i
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
             def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
-                with hf.autocast(device, amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss = nn.functional.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -137,16 +151,19 @@ def torchrun_one_process(recipe: dict[str, Any], timeout: float) -> dict[str, An
 
 
 def ddp_worker(out: Path, recipe: dict[str, Any]) -> None:
-    """One torchrun process: join the group (nccl on CUDA, gloo on a CPU), train, check the weights agree."""
-    device = hf.init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    """One torchrun process: join the group (nccl on a CUDA GPU, gloo on a CPU), train, write what it did."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     try:
         result = train_recipe(recipe, device)
-        setup_backend = torch.distributed.get_backend()
-        result.update(backend=setup_backend, world_size=hf.world_size())
-        if hf.is_main_process():
+        result.update(backend=torch.distributed.get_backend(), world_size=torch.distributed.get_world_size())
+        if torch.distributed.get_rank() == 0:
             out.write_text(json.dumps(result))
     finally:
-        hf.cleanup_distributed()
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -191,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def save() -> None:
         report["seconds"] = round(time.perf_counter() - start, 1)
         if args.out:
-            hf._atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), args.out)
+            write_json(report, args.out)
 
     if not sizes["compile"]:
         for name in ("notebook07_compile", "notebook07_amp+compile"):

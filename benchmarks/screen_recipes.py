@@ -86,6 +86,13 @@ class DeviceBatches:
             yield self.images[index], self.labels[index]
 
 
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """``report`` as JSON at ``path``, written whole or not at all (a temporary file, then a rename)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
 def device_batches(dataset: torch.utils.data.TensorDataset, batch_size: int, device: torch.device) -> list:
     """An evaluation loader as a list of (images, labels) batches on the device, in order."""
     images, labels = (t.to(device) for t in dataset.tensors)
@@ -213,7 +220,7 @@ def run_one(name: str, seed: int, out: Path, subset: int | None = None, epochs: 
                                   val_acc=[], ema_val_acc={str(d): [] for d in EMA_DECAYS}, done=False)
 
     def save() -> None:
-        hf._atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), out)
+        write_json(report, out)
 
     if spec.get("drop_path"):  # linearly rising to the last block's rate, as in DeiT
         blocks = setup.model.encoder
@@ -311,7 +318,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                     pass
         report.update(elapsed_s=round(time.perf_counter() - start, 1), runs=runs, summary=summarise(runs),
                       not_started=[list(job) for job in queue])
-        hf._atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), Path(args.out))
+        write_json(report, Path(args.out))
 
     last_collect = 0.0
     while queue or running:
@@ -370,13 +377,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", required=True, help="the JSON report (the worker's JSON with --worker)")
     parser.add_argument("--only", help="comma-separated candidates [all]")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--jobs", type=hf.positive_int, default=1, help="workers at a time [1]")
+    parser.add_argument("--jobs", type=int, default=1, help="workers at a time [1]")
     parser.add_argument("--deadline-s", dest="deadline_s", type=float, default=3600.0,
                         help="stop every worker after this many seconds [3600]")
     parser.add_argument("--work-dir", dest="work_dir", default="/tmp/screen_recipes",
                         help="the workers' own JSON files and logs [/tmp/screen_recipes]")
-    parser.add_argument("--subset", type=hf.positive_int, help="first N images of each set (tests)")
-    parser.add_argument("--epochs", type=hf.positive_int, help="override every candidate's epochs (tests)")
+    parser.add_argument("--subset", type=int, help="first N images of each set (tests)")
+    parser.add_argument("--epochs", type=int, help="override every candidate's epochs (tests)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
