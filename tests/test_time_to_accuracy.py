@@ -1,4 +1,5 @@
-"""benchmarks/time_to_accuracy.py: the fields of its JSON report, its plot, and that it never replaces results.
+"""benchmarks/time_to_accuracy.py: the fields of its JSON report, its plot, the idle timing, merging reports, and that
+it never replaces results.
 
 The times and accuracies themselves are not tested (they depend on the machine and take minutes): a tiny recipe
 (a few hundred digits, one layer, two epochs) runs the whole benchmark end to end.
@@ -9,7 +10,9 @@ import pytest
 
 from benchmarks import time_to_accuracy as tta
 
-TINY = ["--recipe", "notebook07", "--seeds", "0,1", "--subset", "256", "--epochs", "2", "--warmup-epochs", "0.5"]
+TINY_BASE = ["--recipe", "notebook07", "--subset", "256", "--epochs", "2", "--warmup-epochs", "0.5"]
+TINY = TINY_BASE + ["--seeds", "0,1"]
+TINY_BEST = ["--recipe", "best", "--subset", "256", "--epochs", "2", "--warmup-epochs", "0.5"]
 
 
 def test_reached_is_the_first_time_a_target_is_met_and_none_if_never():
@@ -25,15 +28,54 @@ def test_a_tiny_recipe_writes_a_report_with_every_field_and_a_plot(tmp_path):
     assert saved["recipe"]["subset"] == 256 and saved["recipe"]["epochs"] == 2 and saved["threads"] >= 1
     assert [run["seed"] for run in saved["runs"]] == [0, 1]
     for run in saved["runs"]:
-        assert len(run["minutes"]) == len(run["test_acc"]) == len(run["val_acc"]) == 2
+        assert run["curve"] == "val_acc" and "test_acc" not in run  # per epoch: validation only
+        assert len(run["minutes"]) == len(run["val_acc"]) == len(run["epoch_minutes"]) == 2
         assert run["minutes"] == sorted(run["minutes"]) and run["training_minutes"] == run["minutes"][-1]
-        assert run["final_test_acc"] == run["test_acc"][-1]  # the last epoch, never the best
+        assert run["final_val_acc"] == run["val_acc"][-1]  # the last epoch, never the best
+        assert 0 <= run["final_test_acc"] <= 1 and run["matmul_gflops"] > 0
         assert set(run["reached"]) == {"0.99", "0.995"}
     summary = saved["summary"]
     finals = [run["final_test_acc"] for run in saved["runs"]]
     assert summary["seeds"] == 2 and summary["final_test_acc_min"] == min(finals)
     assert summary["final_test_acc_mean"] == pytest.approx(sum(finals) / 2, abs=1e-5)
+    assert saved["goal_met"] == {"seeds": False, "mean": False, "each": False, "minutes": None}  # no timing run
+    assert "minutes_2_idle_cores" not in saved
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_best_recipe_reads_the_test_set_with_and_without_tta(tmp_path):
+    saved = tta.main(TINY_BEST + ["--seeds", "0", "--out", str(tmp_path / "best.json")])
+    run = saved["runs"][0]
+    assert saved["recipe"]["tta"] is True
+    assert {"final_test_acc", "final_test_acc_without_tta", "final_val_acc_tta"} <= set(run)
+    without = run["final_test_acc_without_tta"]
+    assert saved["summary"]["final_test_acc_without_tta_mean"] == pytest.approx(without, abs=1e-5)
+
+
+def test_idle_timing_times_one_seed_on_2_threads_with_the_matmul_rate(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        tta.main(TINY + ["--idle-timing", "--out", str(tmp_path / "x.json")])  # seeds 0,1: two runs
+    assert stop.value.code == 2 and "one seed" in capsys.readouterr().err
+    saved = tta.main(TINY_BASE + ["--seeds", "0", "--idle-timing", "--out", str(tmp_path / "t.json")])
+    assert saved["threads"] == 2 and saved["idle_timing"] is True
+    assert saved["minutes_2_idle_cores"] == saved["runs"][0]["training_minutes"] > 0
+    assert saved["matmul_gflops"] > 0 and len(saved["load_average_at_start"]) == 3
+
+
+def test_merge_folds_seeds_and_the_timing_run_into_one_report(tmp_path, capsys):
+    paths = {}
+    for name, extra in {"a": ["--seeds", "0,1"], "b": ["--seeds", "2"], "t": ["--seeds", "0", "--idle-timing"]}.items():
+        paths[name] = tmp_path / f"{name}.json"
+        tta.main(TINY_BASE + extra + ["--out", str(paths[name])])
+    merged = tta.main(["--merge", *map(str, paths.values()), "--out", str(tmp_path / "m.json")])
+    timed = json.loads(paths["t"].read_text())
+    assert [run["seed"] for run in merged["runs"]] == [0, 1, 2] and merged["summary"]["seeds"] == 3
+    assert merged["minutes_2_idle_cores"] == timed["minutes_2_idle_cores"]
+    assert merged["matmul_gflops"] == timed["matmul_gflops"] and merged["timing_run"] == timed["runs"][0]
+    assert merged["goal_met"]["seeds"] is True and merged["goal_met"]["minutes"] is True
+    with pytest.raises(SystemExit) as stop:  # seed 0 twice
+        tta.main(["--merge", str(paths["a"]), str(paths["a"]), "--out", str(tmp_path / "m2.json")])
+    assert stop.value.code == 2 and "seed appears twice" in capsys.readouterr().err
 
 
 def test_an_existing_report_is_never_replaced_without_overwrite(tmp_path, capsys):
