@@ -175,7 +175,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 def write(report: dict[str, Any], out: Path) -> None:
     report["summary"] = summarise(report["runs"])
     report["goal_met"] = goal(report)
-    hf._atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), out)
+    machinery.atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), out)
 
 
 def merge(paths: list[Path], out: Path) -> dict[str, Any]:

@@ -107,7 +107,7 @@ SLOW = {
     "test_notebooks_alone.py::test_notebook_runs_alone_from_an_empty_runs_folder",
     "test_notebooks_alone.py::test_in_colab_the_setup_cell_clones_the_repository_and_the_notebook_runs_in_the_clone",
     # a script's main() end to end: data, model, training, files
-    "test_train.py::test_the_readme_command_train_py_epochs_1_runs",
+    "test_train.py::test_the_readme_first_command_trains_one_epoch_and_can_be_run_twice",
     "test_validation_split.py::test_train_py_reads_the_test_set_once_at_the_end_and_validates_every_epoch",
     "test_validation_split.py::test_train_py_resume_continues_with_the_saved_split",
     "test_reliability.py::test_a_new_run_refuses_to_overwrite_a_saved_one_until_asked",
