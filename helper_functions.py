@@ -25,13 +25,12 @@ import copy
 import functools
 import inspect
 import io
-import json
 import math
 import os
-import pickle
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,25 +42,28 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from figures import draw_vit_architecture, plot_bug_vs_fix, plot_fix_sequences  # noqa: F401
-from machinery import (TORCHVISION_DATASETS, CheckpointError, DataNotAvailableError, RunExistsError,
-                       WeightsNotAvailableError, atomic_write_bytes, check_training_arguments, describe_run,
-                       download_torchvision_weights, ensure_raw_files, hub_checkpoint_path, imagenet_weights_help,
-                       interrupts_deferred, is_main_process, main_process_first, mixed_precision, parallelize,
-                       progress_bar, rank, read_checkpoint, read_image, read_results_file, rng_states, run_lock,
+
+# isort: off
+from machinery import (TORCHVISION_DATASETS, RunExistsError, WeightsNotAvailableError, atomic_write_bytes,
+                       check_training_arguments, current_results_format, describe_run, download_torchvision_weights,
+                       ensure_raw_files, hub_checkpoint_path, imagenet_weights_help, interrupts_deferred,
+                       is_main_process, main_process_first, mixed_precision, parallelize, plain_results, progress_bar,
+                       rank, read_checkpoint, read_image, read_results_file, rng_states, run_lock, save_results,
                        sealed_checkpoint, seed_per_process, set_rng_states, sum_across_processes, torch_load_checked,
                        torchvision_weights, unwrap, verify_raw_files, world_size)  # noqa: F401
+# isort: on
 
 __all__ = [
     # 0. Setup and data (notebook 00)
-    "REPO_DIR", "DATA_DIR", "RUNS_DIR", "set_seeds", "best_device", "MNIST_MEAN", "MNIST_STD", "FASHION_MNIST_MEAN",
-    "FASHION_MNIST_STD", "get_mnist", "get_fashion_mnist", "make_dataloaders",
+    "REPO_DIR", "DATA_DIR", "RUNS_DIR", "set_seeds", "best_device", "MNIST_MEAN", "MNIST_STD", "get_mnist",
+    "get_fashion_mnist", "make_dataloaders",
     # 1-4. The parts of the model (notebooks 01-04)
     "PatchEmbedding", "ImagePatches", "MultiHeadSelfAttention", "batch_dependence", "MLPBlock",
     "TransformerEncoderBlock", "shared_parameters",
     # 5. The Vision Transformer, its configurations and torchvision's weights (notebook 05)
     "ViT", "add_checks", "VIT_CONFIGS", "PAPER_PARAMS", "vit_from_config", "count_parameters",
     "rename_torchvision_keys", "load_torchvision_vit_weights", "IMAGENET_WEIGHTS", "torchvision_vit_checkpoint",
-    "interpolate_position_embedding", "resize_vit", "vit_shapes", "plot_vit_architecture",
+    "check_state_dict_fits", "interpolate_position_embedding", "resize_vit", "vit_shapes", "plot_vit_architecture",
     # 6. The classic bugs and their detectors (notebook 06)
     "LayerNormWithBugs", "TorchSelfAttention", "replace_layer_norms", "use_torch_attention",
     "remove_position_embeddings", "remove_mlp_activations", "reinitialise_with_randn", "ViTMeanOfAllTokens",
@@ -71,10 +73,10 @@ __all__ = [
     "plot_bug_vs_fix", "plot_fix_sequences",
     # 7. Training on MNIST (notebook 07)
     "tensor_dataset", "TRAINING_DATASETS", "get_tensor_datasets", "validation_indices", "validation_split",
-    "warmup_cosine_schedule", "adamw_with_schedule", "random_affine", "MNIST_RECIPE", "BEST_MNIST_RECIPE", "RECIPES",
-    "steps_per_epoch", "train_step", "test_step", "train", "TrainingSetup", "plot_loss_curves",
-    "predictions_and_labels", "confusion_matrix", "save_results", "load_results", "save_run", "save_model",
-    "load_checkpoint", "load_model", "get_trained_vit", "read_digit_image", "class_probabilities",
+    "warmup_cosine_schedule", "adamw_with_schedule", "random_affine", "ShiftAveraged", "MNIST_RECIPE",
+    "BEST_MNIST_RECIPE", "RECIPES", "train_step", "test_step", "train", "TrainingSetup", "plot_loss_curves",
+    "predictions_and_labels", "confusion_matrix", "load_results", "save_run", "save_model", "load_checkpoint",
+    "load_model", "get_trained_vit", "read_digit_image", "class_probabilities",
     # 8. Inside a trained ViT (notebook 08)
     "patch_embedding_components", "position_embedding_similarity", "attention_maps", "attention_rollout",
     "class_token_attention_map", "mean_attention_distance",
@@ -83,6 +85,8 @@ __all__ = [
     "fine_tune", "imagenet_vit", "imagenet_normalisation", "imagenet_transform",
     # 10. ViT against a CNN (notebook 10)
     "SmallCNN", "pixel_permutation", "shuffle_pixels", "shuffled_dataset", "train_classifier",
+    # 11. Bugs from the wild (notebook 11)
+    "unregistered_tensors", "residual_identity_gap", "attention_reference_gap", "plant_wild_bug",
 ]
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -90,9 +94,7 @@ DATA_DIR = REPO_DIR / "data"  # datasets land here (git-ignored), wherever a not
 RUNS_DIR = REPO_DIR / "runs"  # the one folder for trained models and their results (git-ignored)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 0. Setup and data: seeds, device, MNIST and Fashion-MNIST, DataLoaders (notebook 00)
-# ---------------------------------------------------------------------------------------------------------------------
+# 0. Setup and data: seeds, device, MNIST and Fashion-MNIST, DataLoaders (notebook 00) ---------------------------------
 # The downloads behind get_mnist and get_fashion_mnist (offline sources, checksums) are in machinery.py.
 
 
@@ -129,7 +131,7 @@ def best_device() -> torch.device:
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+_FASHION_MNIST_MEAN, _FASHION_MNIST_STD = 0.2860, 0.3530  # the same, for Fashion-MNIST
 
 
 def _normalise_transform(mean: float = MNIST_MEAN, std: float = MNIST_STD) -> transforms.Compose:
@@ -150,7 +152,7 @@ def get_mnist(root: str | Path = DATA_DIR, transform: Callable | None = None,
 def get_fashion_mnist(root: str | Path = DATA_DIR, transform: Callable | None = None,
                       test_transform: Callable | None = None) -> tuple[Dataset, Dataset]:
     """Fashion-MNIST's 60,000 training and 10,000 test images as ``torchvision.datasets.FashionMNIST``."""
-    transform = transform or _normalise_transform(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    transform = transform or _normalise_transform(_FASHION_MNIST_MEAN, _FASHION_MNIST_STD)
     return _get_dataset("FashionMNIST", root, transform, test_transform)
 
 
@@ -200,9 +202,7 @@ def _evaluation_loader(data: Dataset, batch_size: int = 128, num_workers: int = 
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 1. Patch embedding, Eq. 1 (notebook 01)
-# ---------------------------------------------------------------------------------------------------------------------
+# 1. Patch embedding, Eq. 1 (notebook 01) ------------------------------------------------------------------------------
 
 
 class PatchEmbedding(nn.Module):
@@ -236,9 +236,7 @@ class ImagePatches(nn.Module):
         return self.patch_embedding(patches), patches  # (batch, num_patches, embedding_dim), the patches
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 2. Multi-head self-attention, Eq. 2 (notebook 02)
-# ---------------------------------------------------------------------------------------------------------------------
+# 2. Multi-head self-attention, Eq. 2 (notebook 02) --------------------------------------------------------------------
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -285,9 +283,7 @@ def batch_dependence(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     return (layer(x)[0] - layer(others_replaced)[0]).abs().max().item()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 3. MLP block, Eq. 3 (notebook 03)
-# ---------------------------------------------------------------------------------------------------------------------
+# 3. MLP block, Eq. 3 (notebook 03) ------------------------------------------------------------------------------------
 
 
 class MLPBlock(nn.Sequential):
@@ -304,9 +300,7 @@ class MLPBlock(nn.Sequential):
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 4. Transformer encoder block (notebook 04)
-# ---------------------------------------------------------------------------------------------------------------------
+# 4. Transformer encoder block (notebook 04) ---------------------------------------------------------------------------
 
 
 class TransformerEncoderBlock(nn.Module):
@@ -335,9 +329,7 @@ def shared_parameters(model: nn.Module) -> list[list[str]]:
     return [group for group in names.values() if len(group) > 1]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 5. The Vision Transformer, Eq. 4, its configurations and torchvision's weights (notebook 05)
-# ---------------------------------------------------------------------------------------------------------------------
+# 5. The Vision Transformer, Eq. 4, its configurations and torchvision's weights (notebook 05) -------------------------
 
 
 class ViT(nn.Module):
@@ -544,7 +536,7 @@ def load_torchvision_vit_weights(model: ViT, source: nn.Module | dict[str, torch
         state_dict = torch_load_checked(source)
     else:
         state_dict = source
-    _check_state_dict_fits(model, renamed := rename_torchvision_keys(state_dict))
+    check_state_dict_fits(model, renamed := rename_torchvision_keys(state_dict))
     model.load_state_dict(renamed)
     return model
 
@@ -565,7 +557,7 @@ def torchvision_vit_checkpoint(weights: str | torchvision.models.WeightsEnum = I
     return path if path.exists() else download_torchvision_weights(weights)
 
 
-def _check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+def check_state_dict_fits(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Raise a ValueError that names every missing, unexpected or differently shaped key."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -672,9 +664,7 @@ def plot_vit_architecture(config: str | dict[str, Any] | ViT = "vit_mnist", batc
     return draw_vit_architecture(_vit_arguments(config), vit_shapes(config, batch), name)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 6. The classic bugs and the detectors that catch them (notebook 06)
-# ---------------------------------------------------------------------------------------------------------------------
+# 6. The classic bugs and the detectors that catch them (notebook 06) --------------------------------------------------
 
 
 # Each bug is a small function that takes a correct model and swaps one part for its buggy twin, keeping the
@@ -955,11 +945,8 @@ def tanh_saturation(model: ViT, images: torch.Tensor, threshold: float = 0.99) -
     return (hidden.abs() > threshold).float().mean().item()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 7. Training on MNIST (notebook 07): data as tensors, a validation split, the schedule, augmentation, the loop,
-# the engine every notebook and script trains with, results, checkpoints, predictions
-# ---------------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun), mixed precision, torch.compile and random-state capture are in the last section.
+# 7. Training on MNIST (notebook 07): the data, the validation split, the schedule, the loop, results, checkpoints ---
+# (several processes under torchrun, mixed precision and random-state capture are in machinery.py)
 
 
 # Fast training data: a dataset as one tensor, and augmentation applied to whole batches ------------------------------
@@ -982,7 +969,7 @@ def tensor_dataset(dataset: Dataset, mean: float, std: float,
 # name -> (loader, mean, std) for the datasets the training code knows
 TRAINING_DATASETS: dict[str, tuple[Callable, float, float]] = {
     "mnist": (get_mnist, MNIST_MEAN, MNIST_STD),
-    "fashion-mnist": (get_fashion_mnist, FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+    "fashion-mnist": (get_fashion_mnist, _FASHION_MNIST_MEAN, _FASHION_MNIST_STD),
 }
 
 
@@ -1101,20 +1088,15 @@ MNIST_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="mnist", epochs=
                                     val_split=5000)
 
 
-# The best recipe (issue 27): notebook 07's model with 4x4 patches (49 tokens instead of 16), label smoothing, batches of
-# 256 at a higher peak rate, 34 epochs, and the test set read once with ShiftAveraged (test-time augmentation). Chosen
-# on the validation split among the candidates of benchmarks/screen_recipes.py; measured in time_to_accuracy.py.
+# The best recipe (issue 27): notebook 07's model with 4x4 patches (49 tokens instead of 16), label smoothing,
+# batches of 256 at a higher peak rate, 34 epochs, and the test set read once with ShiftAveraged (test-time
+# augmentation). Chosen on the validation split among the candidates of benchmarks/screen_recipes.py; measured in
+# benchmarks/time_to_accuracy.py.
 BEST_MNIST_RECIPE: dict[str, Any] = {**MNIST_RECIPE, "epochs": 34, "batch_size": 256, "lr": 3e-3, "warmup_epochs": 3,
                                      "patch_size": 4, "label_smoothing": 0.1, "tta": True}
 
 
 RECIPES: dict[str, dict[str, Any]] = {"notebook07": MNIST_RECIPE, "best": BEST_MNIST_RECIPE}  # train.py --recipe
-
-
-def steps_per_epoch(num_examples: int, batch_size: int, processes: int = 1) -> int:
-    """Optimizer steps in one epoch: each process's share of the examples (``DistributedSampler`` rounds up), in
-    batches (the last may be short)."""
-    return math.ceil(math.ceil(num_examples / processes) / batch_size)
 
 
 def train_step(model: nn.Module, dataloader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -1321,7 +1303,7 @@ def plot_loss_curves(results: dict[str, list[float]] | str | Path, title: str | 
     the path of a saved results file (.json or .pkl). Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    results = load_results(results) if isinstance(results, (str, Path)) else _current_format(results)
+    results = load_results(results) if isinstance(results, (str, Path)) else current_results_format(results)
     epochs = range(1, len(results["train_loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
@@ -1369,31 +1351,6 @@ def _add_final_test(results: dict[str, Any], test: Callable[[], tuple[float, flo
     return results
 
 
-def _current_format(results: dict[str, Any]) -> dict[str, Any]:
-    """Results saved before the final test score had its own name (a number as ``test_loss``, ``test_acc``) in
-    today's format."""
-    if not isinstance(results.get("test_acc"), (int, float)):
-        return results
-    renamed = {key: value for key, value in results.items() if key not in {"test_loss", "test_acc"}}
-    return {**renamed, "final_test_loss": results["test_loss"], "final_test_acc": results["test_acc"]}
-
-
-def _plain_results(results: dict[str, Any]) -> dict[str, Any]:
-    """``results`` as plain floats: lists per epoch, and single numbers (``final_test_loss``, ``final_test_acc``)."""
-    return {key: float(value) if isinstance(value, (int, float, np.number)) else [float(x) for x in value]
-            for key, value in results.items()}
-
-
-def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: bool = True) -> Path:
-    """Write ``results`` as JSON at ``path`` (suffix .json); with ``pickle_too`` also a .pkl beside it, for code that
-    reads results with ``pd.read_pickle``. Both are written atomically."""
-    path = Path(path).with_suffix(".json")
-    atomic_write_bytes(json.dumps(results, indent=2).encode(), path)
-    if pickle_too:
-        atomic_write_bytes(pickle.dumps(_plain_results(results)), path.with_suffix(".pkl"))
-    return path
-
-
 def load_results(path: str | Path) -> dict[str, Any]:
     """Read results saved by ``save_results``: the JSON file, or a .pkl (read without running any code); results saved
     before ``final_test_acc`` had its name come in today's format."""
@@ -1402,7 +1359,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(results, dict) or "train_loss" not in results or not {"test_loss", "val_loss"} & set(results):
         raise ValueError(f"{path} is not a results file: expected a dict with train_loss, train_acc and val_loss, "
                          f"val_acc or test_loss, test_acc")
-    return _current_format(results)
+    return current_results_format(results)
 
 
 def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | Path, name: str = "vit",
@@ -1415,7 +1372,7 @@ def save_run(model: nn.Module, results: dict[str, list[float]], out_dir: str | P
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    history = _plain_results(results)
+    history = plain_results(results)
     with interrupts_deferred():
         paths = {"model": save_model(model, out_dir / f"{name}.pth", **{**extra, "history": history}),
                  "results": save_results(history, out_dir / f"{name}.json"),
@@ -1461,7 +1418,7 @@ def load_model(source: str | Path | dict[str, Any], model: nn.Module | None = No
             raise ValueError(f"{source if not isinstance(source, dict) else 'the checkpoint'} holds no model config; "
                              f"build the model yourself and call load_model(path, model)")
         model = ViT(**checkpoint["config"])
-    _check_state_dict_fits(model, checkpoint["state_dict"])
+    check_state_dict_fits(model, checkpoint["state_dict"])
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
@@ -1483,7 +1440,7 @@ def get_trained_vit(recipe: dict[str, Any] = MNIST_RECIPE, path: str | Path | No
         saved = checkpoint.get("recipe")
         finished = checkpoint.get("epoch", recipe.get("epochs")) == recipe.get("epochs")
         if saved == recipe and finished:
-            results = _current_format(checkpoint.get("history") or load_results(path.with_suffix(".json")))
+            results = current_results_format(checkpoint.get("history") or load_results(path.with_suffix(".json")))
             return load_model(checkpoint).eval(), _add_final_test(results, test=lambda: None)
         differ = sorted(k for k in {*(saved or {}), *recipe} if (saved or {}).get(k) != recipe.get(k))
         why = f"its recipe differs in {', '.join(differ)}" if saved and differ else \
@@ -1567,9 +1524,7 @@ def class_probabilities(model: nn.Module, path: str | Path, mean: float = MNIST_
     return logits.softmax(dim=-1)[0].cpu()  # (num_classes,)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 8. Inside a trained ViT: filters, position embeddings, attention (notebook 08)
-# ---------------------------------------------------------------------------------------------------------------------
+# 8. Inside a trained ViT: filters, position embeddings, attention (notebook 08) ---------------------------------------
 
 
 def patch_embedding_components(model: nn.Module, k: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1661,9 +1616,7 @@ def mean_attention_distance(attentions: torch.Tensor, patch_size: int) -> torch.
     return per_query.mean(dim=(1, 3))  # (layers, heads)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 9. Transfer learning: pretrained backbones, a new head, frozen or fine-tuned (notebook 09)
-# ---------------------------------------------------------------------------------------------------------------------
+# 9. Transfer learning: pretrained backbones, a new head, frozen or fine-tuned (notebook 09) ---------------------------
 
 
 # Pretraining: our small ViT on Fashion-MNIST, the "large upstream dataset" of notebook 09's offline experiment.
@@ -1810,9 +1763,7 @@ def imagenet_transform(weights: str = IMAGENET_WEIGHTS) -> transforms.Compose:
     ])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 10. ViT against a CNN of the same size (notebook 10)
-# ---------------------------------------------------------------------------------------------------------------------
+# 10. ViT against a CNN of the same size (notebook 10) -----------------------------------------------------------------
 
 
 class SmallCNN(nn.Module):
@@ -1876,14 +1827,13 @@ def train_classifier(model: nn.Module, train_data: Dataset, test_data: Dataset, 
                  progress=progress)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# 11. Bugs from the wild (notebook 11)
-# ---------------------------------------------------------------------------------------------------------------------
+# 11. Bugs from the wild (notebook 11) ---------------------------------------------------------------------------------
 
 
 # Bugs that shipped in public ViT code and were reported and fixed in public; notebook 11 links each thread. As in
-# section 6, each injector takes a correct model and swaps one part for its buggy twin, keeping the weights it can.
-def batch_sized_embeddings(model: ViT, batch_size: int) -> ViT:
+# section 6, each takes a correct model and swaps one part for its buggy twin, keeping the weights it can;
+# plant_wild_bug, at the end, is the one door to them.
+def _batch_sized_embeddings(model: ViT, batch_size: int) -> ViT:
     """pytorch/examples #1178: the class token and E_pos of shape (batch_size, 1, D), drawn from N(0, 1), as the
     official example made them: one vector per slot of the batch, added to every token of the image in that slot. The
     model then runs only on batches of exactly ``batch_size`` and cannot tell where a patch was."""
@@ -1894,7 +1844,7 @@ def batch_sized_embeddings(model: ViT, batch_size: int) -> ViT:
     return model
 
 
-def unregistered_embeddings(model: ViT) -> ViT:
+def _unregistered_embeddings(model: ViT) -> ViT:
     """pytorch/examples before PR #1204: ``nn.Parameter(torch.randn(...)).to(device)``. On a GPU ``.to`` returns a
     copy, a plain tensor, so the class token and E_pos were no parameters: no optimizer updated them, no state dict
     saved them. ``.clone()`` makes the same copy here, on any device."""
@@ -1912,7 +1862,7 @@ def unregistered_tensors(model: nn.Module) -> list[str]:
             for name, value in vars(module).items() if isinstance(value, torch.Tensor)]
 
 
-class EncoderBlockWithBugs(TransformerEncoderBlock):
+class _EncoderBlockWithBugs(TransformerEncoderBlock):
     """``TransformerEncoderBlock`` with a LayerNorm in the residual stream, as two public codebases had it (weights and
     state-dict keys are the block's). ``"normalised_residual"`` (d2l-ai/d2l-en before PR #2283): the residuals start
     from the normalised input, LN1(x) + MLP(LN2(LN1(x) + MSA(LN1(x)))). ``"norm_in_stream"`` (SHI-Labs/
@@ -1931,7 +1881,7 @@ class EncoderBlockWithBugs(TransformerEncoderBlock):
         return x + self.mlp(x)
 
 
-class AttentionWithBugs(MultiHeadSelfAttention):
+class _AttentionWithBugs(MultiHeadSelfAttention):
     """``MultiHeadSelfAttention`` with a slip from the wild (weights and state-dict keys are the layer's).
     ``"scaled_by_width"`` (lucidrains/vit-pytorch #65): scores divided by sqrt(D), the model's width, not sqrt(D_h),
     the head's: sqrt(k) times too small. ``"softmax_over_queries"`` (nerminnuraydogan/vision-transformer #1):
@@ -1952,26 +1902,6 @@ class AttentionWithBugs(MultiHeadSelfAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # without attention dropout (vit_mnist has none)
         q, k, v = self.queries_keys_values(x)
         return self.out_proj(rearrange(self.weights_from(q, k) @ v, "b h n d -> b n (h d)"))
-
-
-def _with_bug(module: nn.Module, buggy_class: type, bug: str) -> None:
-    if bug not in buggy_class.BUGS:
-        raise ValueError(f"bug must be one of {buggy_class.BUGS}, got {bug!r}")
-    module.__class__, module.bug = buggy_class, bug  # only forward differs: the weights stay
-
-
-def encoder_blocks_with_bug(model: ViT, bug: str) -> ViT:
-    """Every encoder block of ``model`` becomes an ``EncoderBlockWithBugs`` with ``bug``, in place."""
-    for block in model.encoder:
-        _with_bug(block, EncoderBlockWithBugs, bug)
-    return model
-
-
-def attention_with_bug(model: ViT, bug: str) -> ViT:
-    """Every attention layer of ``model`` becomes an ``AttentionWithBugs`` with ``bug``, in place."""
-    for block in model.encoder:
-        _with_bug(block.self_attention, AttentionWithBugs, bug)
-    return model
 
 
 @torch.no_grad()
@@ -1996,12 +1926,13 @@ def attention_reference_gap(model: ViT, images: torch.Tensor) -> float:
     x, gaps = model.embed(images), []
     for block in model.encoder:
         tokens = block.ln_1(x)  # what the attention layer sees
-        gaps.append(max_abs_difference(block.self_attention, TorchSelfAttention.from_ours(block.self_attention), tokens))
+        reference = TorchSelfAttention.from_ours(block.self_attention)
+        gaps.append(max_abs_difference(block.self_attention, reference, tokens))
         x = block(x)
     return max(gaps)
 
 
-def vit_pytorch_0_2_7_layout(model: ViT) -> ViT:
+def _vit_pytorch_0_2_7_layout(model: ViT) -> ViT:
     """lucidrains/vit-pytorch #39: version 0.2.7's ViT-B counted 91M parameters against Table 1's 86M. Its head had a
     hidden layer of the MLP size (Linear(D, M), GELU, Linear(M, classes), where fine-tuning uses one Linear) and its
     qkv projection had no bias. Both applied to ``model``, in place."""
@@ -2013,7 +1944,7 @@ def vit_pytorch_0_2_7_layout(model: ViT) -> ViT:
     return model
 
 
-class ViTNormThenPool(ViT):
+class _ViTNormThenPool(ViT):
     """The final LayerNorm applied to every token before pooling, as the paper's code does (vit_jax: ``encoder_norm``,
     then ``gap``). ``ViT`` pools first, the order lucidrains/vit-pytorch had before PR #274; for the class token the
     two orders agree, for mean pooling they differ."""
@@ -2023,7 +1954,31 @@ class ViTNormThenPool(ViT):
         return z[:, 0] if self.pool == "cls" else z.mean(dim=1)  # (batch, embedding_dim)
 
 
-def norm_then_pool(model: ViT) -> ViTNormThenPool:
+def _norm_then_pool(model: ViT) -> _ViTNormThenPool:
     """``model`` made to normalise its tokens before pooling (PR #274's order), in place: only ``features`` differs."""
-    model.__class__ = ViTNormThenPool
+    model.__class__ = _ViTNormThenPool
     return model
+
+
+_WILD_BUGS = ("batch_sized_embeddings", "unregistered_embeddings", *_EncoderBlockWithBugs.BUGS,
+              *_AttentionWithBugs.BUGS, "vit_pytorch_0_2_7_layout", "norm_then_pool")
+
+
+def plant_wild_bug(model: ViT, bug: str, batch_size: int | None = None) -> ViT:
+    """``model`` with one of notebook 11's bugs, in place: "batch_sized_embeddings" (give ``batch_size``),
+    "unregistered_embeddings", "normalised_residual", "norm_in_stream" (in every encoder block), "scaled_by_width",
+    "softmax_over_queries" (in every attention layer), "vit_pytorch_0_2_7_layout" or "norm_then_pool"."""
+    if bug not in _WILD_BUGS:
+        raise ValueError(f"bug must be one of {_WILD_BUGS}, got {bug!r}")
+    if bug == "batch_sized_embeddings":
+        if batch_size is None:
+            raise ValueError('plant_wild_bug(model, "batch_sized_embeddings") needs batch_size=')
+        return _batch_sized_embeddings(model, batch_size)
+    for block in model.encoder:  # only forward differs: the weights and state-dict keys stay
+        if bug in _EncoderBlockWithBugs.BUGS:
+            block.__class__, block.bug = _EncoderBlockWithBugs, bug
+        if bug in _AttentionWithBugs.BUGS:
+            block.self_attention.__class__, block.self_attention.bug = _AttentionWithBugs, bug
+    injectors = {"unregistered_embeddings": _unregistered_embeddings, "norm_then_pool": _norm_then_pool,
+                 "vit_pytorch_0_2_7_layout": _vit_pytorch_0_2_7_layout}
+    return injectors[bug](model) if bug in injectors else model

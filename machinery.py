@@ -33,8 +33,9 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -1254,3 +1255,35 @@ def checkpoint_to_resume(path: Path, given: dict[str, Any], flag: Callable[[str]
                          + ("plain python" if saved == 1 else f"torchrun --nproc_per_node={saved}"))
     check_stop_after(stop_after, checkpoint["recipe"]["epochs"], checkpoint["epoch"], path)
     return checkpoint
+
+
+# Results and the schedule's length, which the scripts need too --------------------------------------------------------
+def steps_per_epoch(num_examples: int, batch_size: int, processes: int = 1) -> int:
+    """Optimizer steps in one epoch: each process's share of the examples (``DistributedSampler`` rounds up), in
+    batches (the last may be short)."""
+    return math.ceil(math.ceil(num_examples / processes) / batch_size)
+
+
+def plain_results(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` as plain floats: lists per epoch, and single numbers (``final_test_loss``, ``final_test_acc``)."""
+    return {key: float(value) if isinstance(value, (int, float, np.number)) else [float(x) for x in value]
+            for key, value in results.items()}
+
+
+def current_results_format(results: dict[str, Any]) -> dict[str, Any]:
+    """Results saved before the final test score had its own name (a number as ``test_loss``, ``test_acc``) in
+    today's format."""
+    if not isinstance(results.get("test_acc"), (int, float)):
+        return results
+    renamed = {key: value for key, value in results.items() if key not in {"test_loss", "test_acc"}}
+    return {**renamed, "final_test_loss": results["test_loss"], "final_test_acc": results["test_acc"]}
+
+
+def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: bool = True) -> Path:
+    """Write ``results`` as JSON at ``path`` (suffix .json); with ``pickle_too`` also a .pkl beside it, for code that
+    reads results with ``pd.read_pickle``. Both are written atomically."""
+    path = Path(path).with_suffix(".json")
+    atomic_write_bytes(json.dumps(results, indent=2).encode(), path)
+    if pickle_too:
+        atomic_write_bytes(pickle.dumps(plain_results(results)), path.with_suffix(".pkl"))
+    return path

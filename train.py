@@ -97,7 +97,7 @@ def check_flags(args: argparse.Namespace, path: Path) -> None:
         raise machinery.UsageError(f"--val-split {recipe['val_split']} leaves no training images (there are "
                                    f"{TRAINING_IMAGES}); hold out fewer, e.g. 5000, or 0 for no validation set")
     images = min(recipe["subset"] or TRAINING_IMAGES, TRAINING_IMAGES - recipe["val_split"])
-    steps = hf.steps_per_epoch(images, recipe["batch_size"], machinery.launched_processes())
+    steps = machinery.steps_per_epoch(images, recipe["batch_size"], machinery.launched_processes())
     machinery.check_warmup(recipe["warmup_epochs"], recipe["epochs"], steps)
     machinery.check_stop_after(args.stop_after, recipe["epochs"], 0, path)
 

@@ -85,7 +85,7 @@ def check_flags(args: argparse.Namespace) -> None:
         raise machinery.UsageError(f"--lr {args.lr} must be > 0")
     if args.weight_decay < 0:
         raise machinery.UsageError(f"--weight-decay {args.weight_decay} must be >= 0")
-    steps = hf.steps_per_epoch(args.num_labels, args.batch_size, machinery.launched_processes())
+    steps = machinery.steps_per_epoch(args.num_labels, args.batch_size, machinery.launched_processes())
     machinery.check_warmup(warmup_epochs(args), args.epochs, steps)
     if args.scratch and args.freeze:
         raise machinery.UsageError("--freeze with --scratch would train a head on random features; leave one out")
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 2. Train with the shared engine (validating every epoch, the test set read once, at the end), then save
         start = time.perf_counter()
-        compile = machinery.use_compile(args.compile, args.epochs * hf.steps_per_epoch(
+        compile = machinery.use_compile(args.compile, args.epochs * machinery.steps_per_epoch(
             len(train_data), args.batch_size, machinery.launched_processes()))
         results = hf.fine_tune(model, train_data, test_data, args.epochs, lr=recipe["lr"], batch_size=args.batch_size,
                                weight_decay=args.weight_decay, warmup_epochs=recipe["warmup_epochs"], seed=args.seed,

@@ -36,7 +36,7 @@ def test_attention_across_the_batch_is_caught(tiny_vit, images):
 
 def test_position_embedding_sized_by_the_batch_is_caught(tiny_vit, images):
     """pytorch/examples #1178: E_pos and the class token of shape (batch_size, 1, D)."""
-    buggy = hf.batch_sized_embeddings(tiny_vit(), batch_size=len(images))
+    buggy = hf.plant_wild_bug(tiny_vit(), "batch_sized_embeddings", batch_size=len(images))
     assert tuple(buggy.position_embedding.shape) == (len(images), 1, 16)
     assert hf.patch_order_sensitivity(buggy, images) < 1e-5  # one vector for every token: blind to where a patch was
     assert hf.patch_order_sensitivity(tiny_vit(), images) > 1e-3
@@ -49,7 +49,7 @@ def test_position_embedding_sized_by_the_batch_is_caught(tiny_vit, images):
                                                 ("mean", ["position_embedding"])])
 def test_parameters_copied_by_to_device_are_caught(tiny_vit, images, pool, unregistered):
     """pytorch/examples PR #1204: nn.Parameter(t).to(device) left plain tensors, neither trained nor saved."""
-    buggy = hf.unregistered_embeddings(tiny_vit(pool=pool))
+    buggy = hf.plant_wild_bug(tiny_vit(pool=pool), "unregistered_embeddings")
     assert hf.unregistered_tensors(buggy) == unregistered
     assert not set(unregistered) & set(buggy.state_dict())
     assert not any(p is buggy.position_embedding for p in buggy.parameters())
@@ -69,7 +69,7 @@ def test_unregistered_tensors_names_them_by_their_module_path():
 def test_layer_norm_in_the_residual_stream_is_caught(tiny_vit, images, bug):
     """d2l's ViTBlock normalised its input and added the residuals to the copy; CCT's bad merge normalised the stream
     between the sub-layers. With the sub-layers silenced, Eqs. 2-3 are the identity and these are not."""
-    assert hf.residual_identity_gap(hf.encoder_blocks_with_bug(tiny_vit(num_layers=2), bug), images) > 0.1
+    assert hf.residual_identity_gap(hf.plant_wild_bug(tiny_vit(num_layers=2), bug), images) > 0.1
     assert hf.residual_identity_gap(tiny_vit(num_layers=2), images) == 0
 
 
@@ -78,8 +78,8 @@ def test_the_block_bugs_compute_what_the_public_code_computed(tiny_vit):
     correct = tiny_vit().encoder[0].eval()
     ln_1, ln_2, msa, mlp = correct.ln_1, correct.ln_2, correct.self_attention, correct.mlp
     with torch.no_grad():
-        d2l = hf.encoder_blocks_with_bug(tiny_vit(), "normalised_residual").encoder[0].eval()(tokens)
-        cct = hf.encoder_blocks_with_bug(tiny_vit(), "norm_in_stream").encoder[0].eval()(tokens)
+        d2l = hf.plant_wild_bug(tiny_vit(), "normalised_residual").encoder[0].eval()(tokens)
+        cct = hf.plant_wild_bug(tiny_vit(), "norm_in_stream").encoder[0].eval()(tokens)
         x = ln_1(tokens)
         assert torch.allclose(d2l, x + mlp(ln_2(x + msa(x))), atol=1e-6)
         z = ln_2(tokens + msa(ln_1(tokens)))
@@ -91,15 +91,15 @@ def test_the_block_bugs_compute_what_the_public_code_computed(tiny_vit):
 def test_attention_slips_are_caught_by_the_reference(tiny_vit, images, bug):
     """Scores divided by sqrt(D) instead of sqrt(D_h), or a softmax over the queries: both differ from
     nn.MultiheadAttention holding the same weights."""
-    assert hf.attention_reference_gap(hf.attention_with_bug(tiny_vit(), bug), images) > 1e-3
+    assert hf.attention_reference_gap(hf.plant_wild_bug(tiny_vit(), bug), images) > 1e-3
     assert hf.attention_reference_gap(tiny_vit(), images) < 1e-5
 
 
 def test_softmax_over_queries_normalises_columns_not_rows(tiny_vit):
     tokens = torch.randn(2, 17, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        A = hf.attention_with_bug(tiny_vit(), "softmax_over_queries").encoder[0].self_attention.attention_weights(tokens)
-        scaled = hf.attention_with_bug(tiny_vit(), "scaled_by_width").encoder[0].self_attention
+        A = hf.plant_wild_bug(tiny_vit(), "softmax_over_queries").encoder[0].self_attention.attention_weights(tokens)
+        scaled = hf.plant_wild_bug(tiny_vit(), "scaled_by_width").encoder[0].self_attention
         q, k, _ = scaled.queries_keys_values(tokens)
     assert torch.allclose(A.sum(dim=-2), torch.ones(1)) and not torch.allclose(A.sum(dim=-1), torch.ones(1))
     expected = torch.softmax(q @ k.transpose(-2, -1) / 16 ** 0.5, dim=-1)  # sqrt(D) = 4, not sqrt(D_h) = sqrt(8)
@@ -110,7 +110,7 @@ def test_vit_pytorch_0_2_7_layout_counts_the_threads_91_million():
     """lucidrains/vit-pytorch #39: 91,206,376 parameters for ViT-B against Table 1's 86M."""
     with torch.device("meta"):  # shapes only
         ours = hf.vit_from_config("vit_b_16")
-        theirs = hf.vit_pytorch_0_2_7_layout(hf.vit_from_config("vit_b_16"))
+        theirs = hf.plant_wild_bug(hf.vit_from_config("vit_b_16"), "vit_pytorch_0_2_7_layout")
     paper = hf.PAPER_PARAMS["vit_b_16"]
     assert hf.count_parameters(theirs) == 91_206_376
     assert abs(hf.count_parameters(theirs) / paper - 1) > 0.05
@@ -141,18 +141,19 @@ def test_a_replaced_torchvision_head_is_caught_before_loading():
 def test_layer_norm_after_mean_pooling_differs_from_the_papers_order(tiny_vit, images):
     """lucidrains/vit-pytorch PR #274: LN(mean of tokens) is not mean(LN(tokens)); for the class token they agree."""
     for pool, differs in [("mean", True), ("cls", False)]:
-        gap = hf.max_abs_difference(tiny_vit(pool=pool).eval(), hf.norm_then_pool(tiny_vit(pool=pool)).eval(), images)
+        paper_order = hf.plant_wild_bug(tiny_vit(pool=pool), "norm_then_pool").eval()
+        gap = hf.max_abs_difference(tiny_vit(pool=pool).eval(), paper_order, images)
         assert (gap > 1e-3) == differs
-    reference = hf.norm_then_pool(tiny_vit(pool="mean")).eval()
+    reference = hf.plant_wild_bug(tiny_vit(pool="mean"), "norm_then_pool").eval()
     with torch.no_grad():
         tokens = reference.norm(reference.encoder(reference.embed(images)))
         assert torch.allclose(reference.features(images), tokens.mean(dim=1))
 
 
 @pytest.mark.parametrize("inject", [
-    lambda model: hf.encoder_blocks_with_bug(model, "normalised_residual"),
-    lambda model: hf.attention_with_bug(model, "softmax_over_queries"),
-    hf.norm_then_pool,
+    lambda model: hf.plant_wild_bug(model, "normalised_residual"),
+    lambda model: hf.plant_wild_bug(model, "softmax_over_queries"),
+    lambda model: hf.plant_wild_bug(model, "norm_then_pool"),
 ])
 def test_the_injectors_keep_the_weights_and_their_names(tiny_vit, inject):
     correct = tiny_vit().state_dict()
@@ -162,6 +163,8 @@ def test_the_injectors_keep_the_weights_and_their_names(tiny_vit, inject):
 
 def test_an_unknown_bug_is_named_with_the_choices(tiny_vit):
     with pytest.raises(ValueError, match="bug must be one of"):
-        hf.attention_with_bug(tiny_vit(), "softmax_over_keys")
+        hf.plant_wild_bug(tiny_vit(), "softmax_over_keys")
     with pytest.raises(ValueError, match="bug must be one of"):
-        hf.encoder_blocks_with_bug(tiny_vit(), "post_norm")
+        hf.plant_wild_bug(tiny_vit(), "post_norm")
+    with pytest.raises(ValueError, match="needs batch_size="):
+        hf.plant_wild_bug(tiny_vit(), "batch_sized_embeddings")

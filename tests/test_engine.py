@@ -126,7 +126,7 @@ def test_loading_weights_of_another_shape_names_the_missing_keys_and_the_shapes(
 
 def test_results_round_trip_through_json_and_pickle(tmp_path, history):
     results = history
-    path = hf.save_results(results, tmp_path / "run")
+    path = machinery.save_results(results, tmp_path / "run")
     assert path.suffix == ".json" and json.loads(path.read_text()) == results
     assert hf.load_results(path) == results
     with open(path.with_suffix(".pkl"), "rb") as f:
@@ -142,7 +142,7 @@ def test_results_pickle_with_code_is_refused(tmp_path):
 
 def test_plot_loss_curves_draws_from_a_dict_or_a_saved_file_without_a_display(tmp_path, history):
     results = history
-    path = hf.save_results(results, tmp_path / "run")
+    path = machinery.save_results(results, tmp_path / "run")
     for source in (results, path, path.with_suffix(".pkl"), str(path)):
         fig = hf.plot_loss_curves(source)
         loss_ax, acc_ax = fig.axes

@@ -462,7 +462,7 @@ def test_mismatched_state_dict_error_names_the_keys():
     state_dict["encoder.0.ln_3.weight"] = torch.zeros(32)
     state_dict["head.weight"] = torch.zeros(5, 32)
     with pytest.raises(ValueError) as error:
-        hf._check_state_dict_fits(model, state_dict)
+        hf.check_state_dict_fits(model, state_dict)
     message = str(error.value)
     assert "missing keys: ['encoder.0.ln_1.weight']" in message
     assert "unexpected keys: ['encoder.0.ln_3.weight']" in message
