@@ -28,8 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ def vit_images_per_second(config: dict[str, Any], device: torch.device, batch: i
             model = throughput.BUILDERS[name](config).to(device).train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer, amp: bool = amp) -> None:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss = nn.functional.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)

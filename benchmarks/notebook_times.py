@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("only", nargs="*", help="notebook numbers to run (default: every notebook, in order)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds a cell may take (default 3600)")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"the JSON to write (default {OUT.relative_to(REPO_DIR)})")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help=f"the JSON to write (default {OUT.relative_to(REPO_DIR)})")
     args = parser.parse_args(argv)
     notebooks = [p for p in sorted(NOTEBOOKS_DIR.glob("*.ipynb")) if not args.only or p.name[:2] in args.only]
     if not notebooks:
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["notebooks"][path.name] = result
             print(f"{path.name}: {result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU"
                   f"{'' if result['ok'] else ', FAILED: ' + ' '.join(result['error'])}", flush=True)
-            args.out.write_text(json.dumps(report, indent=1) + "\n")  # after each notebook: a long run stopped keeps its part
+            # after each notebook: a long run stopped keeps its part
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
     report["matmul_gflops_1_thread_after"] = round(matmul_gflops(), 1)
     report["total_wall_s"] = round(sum(r["wall_s"] for r in report["notebooks"].values()), 1)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=machinery.positive_int, help="override the recipe's epochs")
     parser.add_argument("--batch-size", dest="batch_size", type=machinery.positive_int, help="override the batch size")
     parser.add_argument("--lr", type=machinery.finite_float, help="override the peak learning rate")
-    parser.add_argument("--warmup-epochs", dest="warmup_epochs", type=machinery.finite_float, help="override the warm-up")
+    parser.add_argument("--warmup-epochs", dest="warmup_epochs", type=machinery.finite_float,
+                        help="override the warm-up")
     parser.add_argument("--patch-size", dest="patch_size", type=machinery.positive_int, help="override the patch size")
     parser.add_argument("--subset", type=machinery.positive_int, help="first N images of each set (quick checks)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -249,13 +250,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                         "patch_size", "subset")
                                           if getattr(args, k) is not None}}
     try:  # a recipe that cannot work ends in one line, naming the value (e.g. a warm-up longer than the run)
-        machinery.check_training_arguments(**{k: recipe[k] for k in ("epochs", "batch_size", "lr", "warmup_epochs", "seed")})
+        checked = ("epochs", "batch_size", "lr", "warmup_epochs", "seed")
+        machinery.check_training_arguments(**{k: recipe[k] for k in checked})
     except ValueError as error:
         parser.error(str(error))
     report: dict[str, Any] = dict(recipe_name=args.recipe, recipe=recipe, compile=args.compile,
                                   idle_timing=args.idle_timing, torch=torch.__version__, machine=platform.machine(),
-                                  command="python benchmarks/time_to_accuracy.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                              else argv),
+                                  command="python benchmarks/time_to_accuracy.py "
+                                  + " ".join(sys.argv[1:] if argv is None else argv),
                                   runs=[])
     if args.idle_timing:
         torch.set_num_threads(2)

@@ -83,8 +83,8 @@ suppress_warnings = ["myst.header"]  # notebooks open with a badge line before t
 
 
 # Inside $$ ... $$, a line that starts like a Markdown block ("+ x", "- x", "> x", "1. x") would end the paragraph in
-# MyST's parser (Jupyter hides math from Markdown first, so the notebooks show it fine): it is joined to the line before,
-# which TeX reads the same.
+# MyST's parser (Jupyter hides math from Markdown first, so the notebooks show it fine): it is joined to the line
+# before, which TeX reads the same.
 DISPLAY_MATH = re.compile(r"\$\$.+?\$\$", re.DOTALL)
 BLOCK_START = re.compile(r"\n(?=[ ]{0,3}(?:[-+*>][ ]|\d+[.)][ ]))")
 

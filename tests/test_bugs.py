@@ -11,6 +11,7 @@ from torch import nn
 
 import helper_functions as hf
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and do not fight other processes for the cores."""

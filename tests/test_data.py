@@ -223,7 +223,8 @@ def test_a_corrupted_package_download_is_refused_removed_and_nothing_written(tmp
     monkeypatch.setattr(machinery, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "not-installed")
     calls = _fake_apt_get_download(monkeypatch, _fashion_deb({name: b"not fashion" for name in
                                                               machinery.RAW_MD5["FashionMNIST"]}))
-    with pytest.raises(machinery.DataNotAvailableError, match="apt-get download dataset-fashion-mnist: RuntimeError: .*MD5"):
+    expected = "apt-get download dataset-fashion-mnist: RuntimeError: .*MD5"
+    with pytest.raises(machinery.DataNotAvailableError, match=expected):
         machinery.ensure_raw_files(tmp_path, "FashionMNIST")
     assert calls == [["apt-get", "download", "dataset-fashion-mnist"]]
     raw = tmp_path / "FashionMNIST" / "raw"
@@ -241,7 +242,8 @@ def test_the_installed_package_folder_is_still_a_source(tmp_path, offline, monke
     monkeypatch.setattr(machinery, "DEBIAN_FASHION_MNIST_DIR", installed)
     calls = _fake_apt_get_download(monkeypatch, b"never used")
     raw = machinery.ensure_raw_files(tmp_path / "data", "FashionMNIST")
-    assert machinery.verify_raw_files(raw, "FashionMNIST") == [] and calls == [], "no download when the package is installed"
+    assert machinery.verify_raw_files(raw, "FashionMNIST") == [], "the package's files verify"
+    assert calls == [], "no download when the package is installed"
 
 
 def test_without_any_fashion_mnist_source_the_error_names_every_fix(tmp_path, offline, monkeypatch):

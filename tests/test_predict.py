@@ -1,6 +1,6 @@
 """Your own digit: hf.read_digit_image prepares any image file the way MNIST's digits were (inverted when the paper is
-light, cropped, 20 pixels on its longer side, centred by mass in 28x28), hf.class_probabilities returns probabilities, and
-predict.py reports user errors in one line."""
+light, cropped, 20 pixels on its longer side, centred by mass in 28x28), hf.class_probabilities returns probabilities,
+and predict.py reports user errors in one line."""
 import subprocess
 import sys
 from pathlib import Path

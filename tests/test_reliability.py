@@ -306,7 +306,8 @@ def test_bad_api_arguments_name_the_argument(tmp_path, tiny_vit):
     model = tiny_vit()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 28, 28),
                                                                         torch.zeros(4, dtype=torch.long)))
-    with pytest.raises(ValueError, match="epochs must be a whole number above the 0 epochs already in results .*got -1"):
+    expected = "epochs must be a whole number above the 0 epochs already in results .*got -1"
+    with pytest.raises(ValueError, match=expected):
         hf.train(model, loader, loader, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(),
                  epochs=-1)
     for kwargs, message in ((dict(epochs=-1), "epochs must be a whole number >= 1, got -1"),
@@ -318,7 +319,8 @@ def test_bad_api_arguments_name_the_argument(tmp_path, tiny_vit):
 
 def test_a_folder_an_empty_or_an_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch, tiny_vit):
     (tmp_path / "run.pth").mkdir()
-    with pytest.raises(machinery.CheckpointError, match="is a folder, not a checkpoint file; pass the .pth file inside it"):
+    expected = "is a folder, not a checkpoint file; pass the .pth file inside it"
+    with pytest.raises(machinery.CheckpointError, match=expected):
         hf.load_model(tmp_path / "run.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(machinery.CheckpointError, match=r"is empty \(0 bytes: a copy or a save that never finished\)"):
@@ -345,7 +347,8 @@ def test_a_flipped_byte_in_the_weights_is_caught(tmp_path, tiny_vit):
     path = hf.save_model(model, tmp_path / "tiny.pth")
     assert hf.load_checkpoint(path)["weights_sha256"] == machinery.weights_digest(model)
     flip_a_byte(path)
-    with pytest.raises(machinery.CheckpointError, match="is damaged: its contents differ from the SHA-256 digest") as error:
+    expected = "is damaged: its contents differ from the SHA-256 digest"
+    with pytest.raises(machinery.CheckpointError, match=expected) as error:
         hf.load_model(path)
     assert error.value.reason == "digest"
 
@@ -373,7 +376,8 @@ def test_ctrl_c_during_a_save_waits_until_every_file_is_written(ctrl_c_raises):
 def test_sigterm_is_met_like_ctrl_c_with_exit_code_143(capsys):
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
-        with machinery.command_line_errors(machinery.ArgumentParser(prog="train.py"), interrupted=lambda: "runs/x.pth holds epoch 1"):
+        parser = machinery.ArgumentParser(prog="train.py")
+        with machinery.command_line_errors(parser, interrupted=lambda: "runs/x.pth holds epoch 1"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     assert exit_info.value.code == 143

@@ -24,7 +24,8 @@ def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path,
     first = hf.load_checkpoint(tmp_path / "a" / "vit_mnist.pth")
     assert first["epoch"] == 1 and first["dataset"] == "mnist" and first["mean"] == hf.MNIST_MEAN
     stopped = json.loads((tmp_path / "a" / "vit_mnist.json").read_text())
-    assert len(stopped["val_acc"]) == 1 and "final_test_acc" not in stopped, "an unfinished run never reads the test set"
+    assert len(stopped["val_acc"]) == 1
+    assert "final_test_acc" not in stopped, "an unfinished run never reads the test set"
 
     # 2. --resume keeps the saved run's settings: a clashing flag is refused
     with pytest.raises(SystemExit):
