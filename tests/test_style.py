@@ -4,8 +4,6 @@ import importlib.util
 import subprocess
 import sys
 
-import pytest
-
 from conftest import REPO
 
 
