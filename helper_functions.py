@@ -226,10 +226,12 @@ class ImagePatches(nn.Module):
     the pixels at the right and bottom edges are silently dropped; with stride < P the patches overlap.
     """
 
-    def __init__(self, patch_size: int = 8, in_channels: int = 3, stride: int = 8, embedding_dim: int = 768) -> None:
+    def __init__(self, patch_size: int | tuple[int, int] = 8, in_channels: int = 3, stride: int = 8,
+                 embedding_dim: int = 768) -> None:
         super().__init__()
-        self.unfold = nn.Unfold(kernel_size=patch_size, stride=stride)
-        self.patch_embedding = nn.Linear(patch_size * patch_size * in_channels, embedding_dim)
+        height, width = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size  # the blog's (8, 8)
+        self.unfold = nn.Unfold(kernel_size=(height, width), stride=stride)
+        self.patch_embedding = nn.Linear(height * width * in_channels, embedding_dim)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patches = rearrange(self.unfold(images), "b cpp n -> b n cpp")  # (batch, num_patches, C*P*P)

@@ -121,6 +121,19 @@ def test_stride_smaller_than_the_patch_makes_overlapping_patches():
     assert patches.shape == (1, 36, 64)  # 6 x 6 patches, each sharing pixels with its neighbours
 
 
+def test_the_blogs_patcher_takes_its_patch_size_as_a_tuple_too():
+    """The blog calls imagePatches(patch_size=(8, 8), ...): a tuple gives the same layer as the int."""
+    images = torch.randn(2, 3, 32, 32)
+    hf.set_seeds(0)
+    from_int = hf.ImagePatches(patch_size=8, in_channels=3, stride=8, embedding_dim=16)
+    hf.set_seeds(0)
+    from_tuple = hf.ImagePatches(patch_size=(8, 8), in_channels=3, stride=8, embedding_dim=16)
+    for a, b in zip(from_int(images), from_tuple(images)):
+        assert torch.equal(a, b)  # (2, 16, 16) embeddings, then (2, 16, 192) patches
+    embeddings, patches = hf.ImagePatches(patch_size=(4, 8), in_channels=1, stride=4, embedding_dim=16)(images[:, :1])
+    assert patches.shape == (2, 8 * 7, 4 * 8) and embeddings.shape == (2, 56, 16)  # 8 rows and 7 columns of patches
+
+
 # --- 2. multi-head self-attention ----------------------------------------------------------------------------------
 
 
