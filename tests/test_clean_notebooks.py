@@ -133,9 +133,6 @@ def test_every_nbval_marker_becomes_the_tag_nbval_reads_for_it():
         assert dict(find_metadata_tags({"tags": [tag]})) == dict(find_comment_markers(f"# {marker}")), marker
 
 
-# Applied to notebooks/ by the lead once the other branches of this round are merged (issue 24); then drop the xfail:
-# strict, so this fails as soon as the notebooks are clean and the mark is stale.
-@pytest.mark.xfail(strict=True, reason="notebooks/ not yet cleaned: run python tools/clean_notebooks.py (issue 24)")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_every_notebook_is_clean(path):
     cleaned, to_fix = clean_notebooks.clean(path, write=False)
