@@ -7,7 +7,8 @@
 3. Files that are safe to read and whole when written: torch.load with weights_only=True and errors that say what is
    wrong with the file, unpicklers that refuse code, atomic writes, SHA-256 digests of the weights.
 4. The scripts' command line: argparse pieces whose errors take one line, checks of every flag before any data is
-   loaded, run locks, and ``script_run``, the one context manager a script runs inside.
+   loaded (a --data folder of your own images too, image by image), run locks, and ``script_run``, the one context
+   manager a script runs inside.
 
 It never imports helper_functions: what it needs comes in as arguments.
 """
@@ -999,6 +1000,113 @@ def check_output_folder(folder: str | Path) -> Path:
         raise UsageError(f"--out-dir {folder} is not writable ({error.strerror or error}); choose a folder you can "
                          f"write to") from None
     return folder
+
+
+# Your own images (train_transferlearning.py --data): a folder in torchvision's ImageFolder layout, checked whole before
+# any training, then read by ImageFolder itself
+IMAGE_FOLDER_LAYOUT = "one sub-folder of images per class: PATH/cat/1.jpg, PATH/dog/1.jpg, ..."
+TEST_FRACTION = 0.2  # of each class, held out as the test set when the folder has no train/ and test/
+_IMAGE_SPLIT_SEED = 0  # the split's own seed, apart from a run's: runs with different seeds test on the same images
+
+
+def _image_folder_parts(path: Path) -> list[Path]:
+    """``[path/train, path/test]`` where ``path`` has both, else ``[path]``."""
+    parts = [path / "train", path / "test"]
+    return parts if all(part.is_dir() for part in parts) else [path]
+
+
+def _held_out(count: int) -> int:
+    """How many of a class's ``count`` images are held out as test images: a fifth, at least one."""
+    return max(1, round(count * TEST_FRACTION))
+
+
+def check_image_folder(path: str | Path, flag: str = "--data") -> int:
+    """How many images of the folder ``path`` train (all of its train/, or all but the test fifth of each class). The
+    folder is refused with a ``UsageError`` naming the problem and the fix if it cannot train a classifier: missing, no
+    class sub-folders or one, a class without images, train/ and test/ with different classes, or any image file that
+    Pillow cannot open (each is opened and verified: a damaged file is named now, not in the middle of training)."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{flag} {path}{' is a file, not a folder' if path.exists() else ': no such folder'}; pass "
+                         f"a folder with {IMAGE_FOLDER_LAYOUT}")
+    parts = _image_folder_parts(path)
+    lone = [name for name in ("train", "test") if (path / name).is_dir()]
+    if len(parts) == 1 and lone:
+        other = {"train": "test", "test": "train"}[lone[0]]
+        raise UsageError(f"{flag} {path} has a {lone[0]}/ folder but no {other}/; add {other}/ with the same class "
+                         f"sub-folders, or put the class sub-folders in {path} itself")
+    counts: dict[str, list[int]] = {}
+    for part in parts:
+        classes = sorted(entry.name for entry in os.scandir(part) if entry.is_dir())  # as find_classes sees them
+        if len(classes) < 2:
+            what = f"only one class sub-folder ({classes[0]})" if classes else "no class sub-folders"
+            raise UsageError(f"{flag} {part} has {what}; a classifier needs at least two classes, so give it "
+                             f"{IMAGE_FOLDER_LAYOUT}")
+        if counts and classes != list(counts):
+            raise UsageError(f"{flag} {path}: train/ has the classes {list(counts)} but test/ has {classes}; give "
+                             f"both the same class sub-folders")
+        images = make_dataset(part, {name: label for label, name in enumerate(classes)}, extensions=IMG_EXTENSIONS,
+                              allow_empty=True)  # (file, label) pairs, as ImageFolder finds them
+        for label, name in enumerate(classes):
+            found = [file for file, target in images if target == label]
+            if not found:
+                raise UsageError(f"{flag} {part / name} holds no images (ImageFolder reads {', '.join(IMG_EXTENSIONS)}"
+                                 f" files); add some, or remove the folder")
+            counts.setdefault(name, []).append(len(found))
+        for file, _ in images:
+            try:
+                with Image.open(file) as image:
+                    image.verify()
+            except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                why = _first_sentence(error).replace(f" '{file}'", "")  # the file is named once, at the start
+                raise UsageError(f"{flag} {file} is not an image Pillow can read ({why}); remove or replace "
+                                 f"it") from None
+    if len(parts) == 2:
+        return sum(train for train, _ in counts.values())
+    for name, (count,) in counts.items():
+        if count < 2:
+            raise UsageError(f"{flag} {path / name} has only 1 image, and a fifth of each class (at least one image) "
+                             f"is held out as the test set; add images, or give {path} train/ and test/ folders")
+    return sum(count - _held_out(count) for count, in counts.values())
+
+
+def image_folder_splits(path: str | Path, image_size: int, channels: int, mean: Any,
+                        std: Any) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, list[str]]:
+    """(training images, test images, class names) of a folder ``check_image_folder`` accepted, read by torchvision's
+    ``ImageFolder`` and prepared for a model that takes (``channels``, ``image_size``, ``image_size``): the shorter side
+    resized to ``image_size``, the centre cropped square, greyscale for one channel, normalised with ``mean`` and
+    ``std``. The test images are its test/ folder, or a seeded fifth of each class; both parts come in a seeded random
+    order, so that their first N images (``--subset``) mix the classes."""
+    from torchvision import transforms
+
+    transform = transforms.Compose([
+        transforms.Resize(image_size, antialias=True),
+        transforms.CenterCrop(image_size),  # (3, image_size, image_size): ImageFolder reads every image as RGB
+        *([transforms.Grayscale()] if channels == 1 else []),  # (1, image_size, image_size)
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    generator = torch.Generator().manual_seed(_IMAGE_SPLIT_SEED)
+    parts = _image_folder_parts(Path(path))
+    if len(parts) == 2:
+        train_set, test_set = (torchvision.datasets.ImageFolder(part, transform) for part in parts)
+        train_idx, test_idx = list(range(len(train_set))), list(range(len(test_set)))
+    else:
+        train_set = test_set = torchvision.datasets.ImageFolder(path, transform)
+        targets, train_idx, test_idx = torch.tensor(train_set.targets), [], []
+        for label in range(len(train_set.classes)):
+            members = torch.nonzero(targets == label).flatten()  # (images of this class,)
+            members = members[torch.randperm(len(members), generator=generator)].tolist()
+            test_idx += members[:_held_out(len(members))]
+            train_idx += members[_held_out(len(members)):]
+
+    def shuffled(dataset: torch.utils.data.Dataset, indices: list[int]) -> torch.utils.data.Subset:
+        return torch.utils.data.Subset(dataset, [indices[i] for i in torch.randperm(len(indices), generator=generator)])
+
+    return shuffled(train_set, train_idx), shuffled(test_set, test_idx), train_set.classes
 
 
 _OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))  # torch's: GPU memory

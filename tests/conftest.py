@@ -102,6 +102,7 @@ SLOW = {
     "test_predict.py::test_predict_py_without_a_model_says_how_to_train_one_in_one_line",
     "test_predict.py::test_predict_py_with_a_bad_image_names_it_in_one_line",
     "test_transfer.py::test_train_transferlearning_py_writes_train_pys_files_and_a_linear_probe_keeps_the_backbone",
+    "test_transfer_data.py::test_a_folder_of_three_shapes_trains_end_to_end_and_saves_three_classes_with_their_names",
     "test_notebook_cells.py::test_every_definition_cell_runs_alone_with_only_the_standard_imports",
     "test_vit_vs_cnn.py::test_notebook_10s_cnn_cell_is_the_helper_source_and_runs_alone_with_standard_imports",
     "test_notebooks_alone.py::test_notebook_runs_alone_from_an_empty_runs_folder",
