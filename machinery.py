@@ -902,16 +902,15 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     out.add_argument("--amp", action="store_true", help="mixed precision: bfloat16 autocast (fast on recent GPUs; "
                                                         "slower on CPUs without bfloat16 instructions)")
     out.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                     help=f"torch.compile the model: seconds of compiling first (16 s here, cold), then faster steps "
+                     help=f"torch.compile the model: seconds of compiling first, then faster steps "
                           f"(needs a C++ compiler on a CPU; if compiling fails the run goes on uncompiled) [on for "
                           f"runs of {COMPILE_FROM_STEPS:,} optimizer steps or more, where it pays back]")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return out
 
 
-# torch.compile pays back its compile time only on long runs: on 2 CPU cores it made a training step of notebook 07's
-# model 1.10x faster and of the 4x4-patch model 1.11x (benchmarks/levers.py), after 16 s of compiling (cold cache), so
-# a 7x7-patch run breaks even after about 4,000 steps. Runs from this many optimizer steps on compile by default.
+# torch.compile pays back its compile time only on long runs (benchmarks/measured/levers.json has what it gained per
+# step on 2 CPU cores). Runs from this many optimizer steps on compile by default.
 COMPILE_FROM_STEPS = 10_000
 
 
