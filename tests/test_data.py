@@ -200,7 +200,7 @@ def test_fashion_mnist_from_an_empty_folder_without_the_installed_package(tmp_pa
     assert train.classes[train.targets[0]] == "Ankle boot"
     pixels = train.data.float() / 255
     assert pixels.mean().item() == pytest.approx(hf.TRAINING_DATASETS["fashion-mnist"][1], abs=1e-4)
-    assert pixels.std().item() == pytest.approx(hf.FASHION_MNIST_STD, abs=1e-4)
+    assert pixels.std().item() == pytest.approx(hf.TRAINING_DATASETS["fashion-mnist"][2], abs=1e-4)
     assert [path.name for path in tmp_path.glob(".*")] == [], "no temporary folder or file is left behind"
     assert len(list(tmp_path.glob("dataset-fashion-mnist_*.deb"))) == 1, "kept, so a re-fetch needs no network"
 
