@@ -27,6 +27,7 @@ import pickle
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -1394,3 +1395,17 @@ def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: 
     if pickle_too:
         atomic_write_bytes(pickle.dumps(plain_results(results)), path.with_suffix(".pkl"))
     return path
+
+
+def matmul_gflops(n: int = 2048, times: int = 5) -> float:
+    """The machine's speed of the day, recorded beside every published time: this process's float32 ``torch.mm`` rate
+    on one thread, in GFLOP/s (median of ``times``). It leaves the process on one thread."""
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    seconds = []
+    for _ in range(times):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        seconds.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(seconds) / 1e9

@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,22 +26,11 @@ import time
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))
+from machinery import matmul_gflops  # noqa: E402  (the machine's speed, as every benchmark records it)
+
 NOTEBOOKS_DIR = REPO_DIR / "notebooks"
 OUT = REPO_DIR / "benchmarks" / "results" / "notebook_times.json"
-
-
-def matmul_gflops(n: int = 2048, times: int = 5) -> float:
-    """This process's float32 ``torch.mm`` rate on one thread, in GFLOP/s (median of ``times``)."""
-    import torch
-    torch.set_num_threads(1)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up
-    seconds = []
-    for _ in range(times):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        seconds.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(seconds) / 1e9
 
 
 def children_cpu_seconds() -> float:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,21 +24,10 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_DIR))
+from machinery import matmul_gflops  # noqa: E402  (the machine's speed, as every benchmark records it)
+
 RESULTS_DIR = REPO_DIR / "benchmarks" / "results"
-
-
-def matmul_gflops(n: int = 2048, times: int = 5) -> float:
-    """This process's float32 ``torch.mm`` rate on one thread, in GFLOP/s (median of ``times``)."""
-    import torch
-    torch.set_num_threads(1)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up
-    seconds = []
-    for _ in range(times):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        seconds.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(seconds) / 1e9
 
 
 def summarise(junit_xml: Path, slowest: int = 15) -> dict:
