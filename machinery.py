@@ -1397,10 +1397,11 @@ def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: 
     return path
 
 
-def matmul_gflops(n: int = 2048, times: int = 5) -> float:
+def matmul_gflops(n: int = 2048, times: int = 5, threads: int | None = 1) -> float:
     """The machine's speed of the day, recorded beside every published time: this process's float32 ``torch.mm`` rate
-    on one thread, in GFLOP/s (median of ``times``). It leaves the process on one thread."""
-    torch.set_num_threads(1)
+    in GFLOP/s (median of ``times``), on ``threads`` threads (left set), or at the current count with None."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up
     seconds = []

@@ -57,18 +57,6 @@ def reached(minutes: list[float], accuracies: list[float], target: float) -> flo
     return next((m for m, a in zip(minutes, accuracies) if a >= target), None)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This machine's float32 matrix-multiply rate now, at torch's current thread count: GFLOP/s, median of repeats."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        seconds.append(time.perf_counter() - start)
-    return round(2 * size ** 3 / statistics.median(seconds) / 1e9, 1)
-
-
 def test_accuracy(setup: hf.TrainingSetup, tta: bool) -> float:
     """The setup's test accuracy, read once (``TrainingSetup.test`` returns a dict, or a (loss, accuracy) pair)."""
     result = setup.test(tta=tta)
@@ -114,7 +102,7 @@ def run_seed(recipe: dict[str, Any], seed: int, compile: bool = False, progress:
     run["final_val_acc"] = curve[-1] if held_out == "val_acc" else None
     run["median_epoch_minutes"] = round(statistics.median(run["epoch_minutes"]), 4)
     run["reached"] = {str(t): reached(minutes, curve, t) for t in TARGETS}
-    run["matmul_gflops"] = matmul_gflops()  # at this run's thread count, right after it
+    run["matmul_gflops"] = round(machinery.matmul_gflops(threads=None), 1)  # at this run's thread count, right after it
     print(f"  seed {seed}: final_test_acc {run['final_test_acc']:.4f}"
           + (f" (without TTA {run['final_test_acc_without_tta']:.4f})" if tta else "")
           + f", {minutes[-1]:.2f} min of training", flush=True)
@@ -262,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.idle_timing:
         torch.set_num_threads(2)
         report["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-        report["matmul_gflops_before"] = matmul_gflops()
+        report["matmul_gflops_before"] = round(machinery.matmul_gflops(threads=None), 1)
         if report["load_average_at_start"][0] > 0.5:
             print(f"warning: load average {report['load_average_at_start'][0]} at the start: the machine is not idle, "
                   f"so minutes_2_idle_cores will be too long", file=sys.stderr)
