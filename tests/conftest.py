@@ -1,7 +1,6 @@
 """Shared test setup: draw figures without a display; the constants, tiny models, data and training flags that several
 test files use; and which tests are slow (``pytest -m "not slow"`` leaves them out). pytest.ini's ``pythonpath`` puts
 the repository's top level on ``sys.path``, so tests import helper_functions, train and the tools directly."""
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,14 +10,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 # Only this pytest process: nbval's notebook kernels are separate processes and keep their inline backend.
 matplotlib.use("Agg")
-
-# pytest.ini starts one pytest-xdist worker per core (-n auto). Each worker gets its share of the cores as threads, and
-# so do the notebook kernels and scripts it starts (they inherit OMP_NUM_THREADS): two jobs with two threads each on
-# two cores slow each other many times over, while our small ViTs train as fast on one thread as on two.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import helper_functions as hf  # noqa: E402  (after the backend is chosen)
 
@@ -96,7 +87,8 @@ def history() -> dict[str, list[float]]:
 
 
 # The slow tests, by file and name (every parametrization of a name): `pytest -m "not slow"` leaves them out, and with
-# them every notebook. tests/test_suite.py checks that each entry still names a test.
+# them every notebook (marked by the top-level conftest.py). tests/test_suite.py checks that each entry still names a
+# test.
 SLOW = {
     # torchrun: two processes, each importing torch
     "test_scaling.py::test_two_processes_keep_identical_weights_and_share_the_data_and_the_metrics",
@@ -143,16 +135,9 @@ SLOW = {
 }
 
 
-# Notebooks that read a run an earlier notebook saved in runs/: under pytest-xdist they share a worker, after it.
-READS_RUN_OF = {"08_what_the_vit_learned.ipynb": "07_training_on_mnist.ipynb"}
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every notebook (nbval's cells) and every test in SLOW as ``slow``; keep each notebook's cells together, in
-    order, on one pytest-xdist worker (``--dist loadgroup``), with the notebook whose run it reads."""
+    """Mark every test in SLOW as ``slow`` (the top-level conftest.py marks the notebooks)."""
     for item in items:
         name = getattr(item, "originalname", item.name)  # a test's name without its parameters
-        if item.path.suffix == ".ipynb" or f"{item.path.name}::{name}" in SLOW:
+        if f"{item.path.name}::{name}" in SLOW:
             item.add_marker(pytest.mark.slow)
-        if item.path.suffix == ".ipynb":
-            item.add_marker(pytest.mark.xdist_group(READS_RUN_OF.get(item.path.name, item.path.name)))
