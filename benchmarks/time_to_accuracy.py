@@ -247,31 +247,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   command="python benchmarks/time_to_accuracy.py "
                                   + " ".join(sys.argv[1:] if argv is None else argv),
                                   runs=[])
-    if args.idle_timing:
-        torch.set_num_threads(2)
-        report["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-        report["matmul_gflops_before"] = round(machinery.matmul_gflops(threads=None), 1)
-        if report["load_average_at_start"][0] > 0.5:
-            print(f"warning: load average {report['load_average_at_start'][0]} at the start: the machine is not idle, "
-                  f"so minutes_2_idle_cores will be too long", file=sys.stderr)
-    report["threads"] = torch.get_num_threads()
-    print(f"recipe {args.recipe}: {recipe} | {report['threads']} threads", flush=True)
-    for seed in seeds:
-        report["runs"].append(run_seed(recipe, seed, args.compile))
+    threads_before = torch.get_num_threads()
+    try:
         if args.idle_timing:
-            report["matmul_gflops_after"] = report["runs"][0]["matmul_gflops"]
-            report["matmul_gflops"] = round((report["matmul_gflops_before"] + report["matmul_gflops_after"]) / 2, 1)
-            report["minutes_2_idle_cores"] = report["runs"][0]["training_minutes"]
-        write(report, out)
-    plot(report, out.with_suffix(".png"))
-    s = report["summary"]
-    print(f"last epoch test accuracy {100 * s['final_test_acc_mean']:.2f}% (mean of {s['seeds']} seeds, "
-          f"{100 * s['final_test_acc_min']:.2f}-{100 * s['final_test_acc_max']:.2f}) after "
-          f"{s['training_minutes_mean']:.1f} min of training"
-          + (f"; minutes_2_idle_cores {report['minutes_2_idle_cores']} at {report['matmul_gflops']} GFLOP/s"
-             if args.idle_timing else "")
-          + f" | wrote {out} and {out.with_suffix('.png').name}")
-    return report
+            torch.set_num_threads(2)
+            report["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+            report["matmul_gflops_before"] = round(machinery.matmul_gflops(threads=None), 1)
+            if report["load_average_at_start"][0] > 0.5:
+                print(f"warning: load average {report['load_average_at_start'][0]} at the start: the machine is not "
+                      f"idle, so minutes_2_idle_cores will be too long", file=sys.stderr)
+        report["threads"] = torch.get_num_threads()
+        print(f"recipe {args.recipe}: {recipe} | {report['threads']} threads", flush=True)
+        for seed in seeds:
+            report["runs"].append(run_seed(recipe, seed, args.compile))
+            if args.idle_timing:
+                report["matmul_gflops_after"] = report["runs"][0]["matmul_gflops"]
+                report["matmul_gflops"] = round((report["matmul_gflops_before"] + report["matmul_gflops_after"]) / 2, 1)
+                report["minutes_2_idle_cores"] = report["runs"][0]["training_minutes"]
+            write(report, out)
+        plot(report, out.with_suffix(".png"))
+        s = report["summary"]
+        print(f"last epoch test accuracy {100 * s['final_test_acc_mean']:.2f}% (mean of {s['seeds']} seeds, "
+              f"{100 * s['final_test_acc_min']:.2f}-{100 * s['final_test_acc_max']:.2f}) after "
+              f"{s['training_minutes_mean']:.1f} min of training"
+              + (f"; minutes_2_idle_cores {report['minutes_2_idle_cores']} at {report['matmul_gflops']} GFLOP/s"
+                 if args.idle_timing else "")
+              + f" | wrote {out} and {out.with_suffix('.png').name}")
+        return report
+    finally:  # --idle-timing's 2 threads do not leak into a caller of main()
+        torch.set_num_threads(threads_before)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The times and accuracies themselves are not tested (they depend on the machine a
 import json
 
 import pytest
+import torch
 
 from benchmarks import time_to_accuracy as tta
 
@@ -56,8 +57,10 @@ def test_idle_timing_times_one_seed_on_2_threads_with_the_matmul_rate(tmp_path, 
     with pytest.raises(SystemExit) as stop:
         tta.main(TINY + ["--idle-timing", "--out", str(tmp_path / "x.json")])  # seeds 0,1: two runs
     assert stop.value.code == 2 and "one seed" in capsys.readouterr().err
+    threads_before = torch.get_num_threads()
     saved = tta.main(TINY_BASE + ["--seeds", "0", "--idle-timing", "--out", str(tmp_path / "t.json")])
     assert saved["threads"] == 2 and saved["idle_timing"] is True
+    assert torch.get_num_threads() == threads_before, "the timing's 2 threads do not leak into the caller"
     assert saved["minutes_2_idle_cores"] == saved["runs"][0]["training_minutes"] > 0
     assert saved["matmul_gflops"] > 0 and len(saved["load_average_at_start"]) == 3
 

@@ -1,6 +1,7 @@
 """train.py and the training recipe's pieces: a run writes its files, --resume continues exactly where a run stopped,
 bad arguments are refused with a clear message, and the fast data path, augmentation and schedule do what they say."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,12 @@ from conftest import REPO
 
 
 def test_train_py_trains_writes_its_files_and_resume_continues_exactly(tmp_path, capsys, tiny_run):
-    # 1. A fresh run from the command line, stopped after 1 of 2 planned epochs
+    # 1. A fresh run from the command line, stopped after 1 of 2 planned epochs, on this process's thread count (the
+    # float sums, and so the weights compared bit for bit in 4., depend on it)
+    same_threads = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run([sys.executable, str(REPO / "train.py"), "--epochs", "2", "--stop-after", "1",
-                           "--out-dir", str(tmp_path / "a"), *tiny_run], capture_output=True, text=True, timeout=300)
+                           "--out-dir", str(tmp_path / "a"), *tiny_run], capture_output=True, text=True, timeout=300,
+                          env=same_threads)
     assert done.returncode == 0, done.stderr
     assert "epoch 1/2" in done.stdout
     files = {p.name for p in (tmp_path / "a").iterdir()}
