@@ -124,6 +124,10 @@ def visits(site, server, browser) -> dict[str, dict]:
         page.evaluate("() => window.MathJax && MathJax.startup ? MathJax.startup.promise : null")
         page.evaluate("""() => Promise.all([...document.images].map(img => img.complete ? null :
                              new Promise(done => { img.onload = img.onerror = done; })))""")
+        # MathJax's fonts load once the typeset math is laid out; leaving the page before they arrive aborts them, and
+        # the abort would count against the next page
+        page.evaluate("() => { document.body.getBoundingClientRect(); return document.fonts.ready.then(() => null); }")
+        page.wait_for_load_state("networkidle")
         facts = page.evaluate(f"""() => {{
             const main = document.querySelector('main') || document.body;
             const copy = main.cloneNode(true);
