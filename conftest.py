@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """pytest-xdist's work units: a notebook's cells together and in order (08's after 07's, on 07's worker); every
-    other test alone. The largest units go first."""
+    other test alone. xdist sends the units with the most tests (the notebooks with the most cells) first."""
     from xdist.scheduler import LoadScopeScheduling
 
     class NotebooksWhole(LoadScopeScheduling):
