@@ -4,9 +4,9 @@ other way round) prepared the way MNIST's digits were, through a trained ViT.
     python predict.py my_digit.png                           # the model train.py saves (runs/vit_mnist.pth)
     python predict.py my_digit.jpg --model runs/other.pth --top 5
 
-Prints the most likely classes with their probabilities. The preparation (``hf.read_digit_image``): greyscale,
-inverted if the background is light, cropped to the ink, the longer side scaled to 20 pixels, centred by its centre of
-mass in 28x28, normalised with the mean and std saved in the checkpoint.
+Prints the most likely classes (by the names the run saved, if any) with their probabilities. The preparation
+(``hf.read_digit_image``): greyscale, inverted if the background is light, cropped to the ink, the longer side scaled
+to 20 pixels, centred by its centre of mass in 28x28, normalised with the mean and std saved in the checkpoint.
 """
 from __future__ import annotations
 
@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float]]:
                                                    checkpoint.get("std", hf.MNIST_STD))
         except (ValueError, TypeError) as error:  # not an image, a blank image, weights that do not fit
             sys.exit(f"predict.py: {str(error).splitlines()[0].rstrip(': ')}")
-    names = {"fashion-mnist": machinery.TORCHVISION_DATASETS["FashionMNIST"].classes}.get(checkpoint.get("dataset"))
+    # The class names a run saved (train_transferlearning.py --data saves its folders'), else the dataset's
+    names = checkpoint.get("classes") or {
+        "fashion-mnist": machinery.TORCHVISION_DATASETS["FashionMNIST"].classes}.get(checkpoint.get("dataset"))
+    if names is not None and len(names) != len(probabilities):
+        names = None  # names that do not fit the model's outputs: print class indices instead
     top = probabilities.topk(min(args.top, len(probabilities)))
     pairs = [(int(c), float(p)) for p, c in zip(top.values, top.indices)]
     print(f"{args.image} ({args.model.name}):")
