@@ -1399,9 +1399,10 @@ def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: 
 
 def matmul_gflops(n: int = 2048, times: int = 5, threads: int | None = 1) -> float:
     """The machine's speed of the day, recorded beside every published time: this process's float32 ``torch.mm`` rate
-    in GFLOP/s (median of ``times``), on ``threads`` threads (left set), or at the current count with None."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    in GFLOP/s (median of ``times``), on ``threads`` threads, or at the current count with None; the caller's thread
+    count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up
     seconds = []
@@ -1409,4 +1410,5 @@ def matmul_gflops(n: int = 2048, times: int = 5, threads: int | None = 1) -> flo
         start = time.perf_counter()
         torch.mm(a, b)
         seconds.append(time.perf_counter() - start)
+    torch.set_num_threads(before)
     return 2 * n ** 3 / statistics.median(seconds) / 1e9

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import helper_functions as hf
+import predict
 from conftest import REPO
 
 
@@ -103,14 +104,13 @@ def test_predict_py_prints_the_top_classes(tmp_path, tiny_vit):
     assert len(lines) == 4 and all(line.strip().endswith("%") for line in lines[1:])
 
 
-
 def test_predict_py_prints_the_class_names_the_run_saved(tmp_path, tiny_vit, capsys):
-    import predict
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     model = hf.save_model(tiny_vit(), tmp_path / "named.pth", mean=hf.MNIST_MEAN, std=hf.MNIST_STD, classes=names)
     pairs = predict.main([str(draw_seven(tmp_path / "seven.png")), "--model", str(model), "--top", "10"])
     printed = [line.strip().split(":")[0] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert printed == [names[c] for c, _ in pairs], "each class by the name the run saved, most likely first"
+
 
 def test_predict_py_without_a_model_says_how_to_train_one_in_one_line(tmp_path):
     done = run_predict(draw_seven(tmp_path / "seven.png"), "--model", tmp_path / "none.pth", cwd=tmp_path)
