@@ -20,7 +20,8 @@ Times. Accuracies can be measured on one thread beside other work; times cannot.
 ``matmul_gflops``, the machine's float32 matrix-multiply rate measured in the same run (before and after training),
 so that a time can be scaled to another day; the load average at the start is recorded too (it should be near 0).
 Every report also holds, per run, its per-epoch minutes and the matmul rate at its own thread count.
-``--merge`` folds reports of one recipe (seeds run in separate processes, and an ``--idle-timing`` report) into one.
+``--merge`` folds reports of one recipe (seeds run in separate processes, and ``--idle-timing`` reports, whose runs
+count as seeds too) into one, quoting the time of one of them (``--timing``).
 
 Results go to one JSON file (default ``benchmarks/results/time_to_accuracy_<recipe>.json``, written again after every
 seed, so an interrupted benchmark keeps the seeds it finished) and a plot of the curves against minutes beside it.
@@ -166,20 +167,27 @@ def write(report: dict[str, Any], out: Path) -> None:
     machinery.atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), out)
 
 
-def merge(paths: list[Path], out: Path) -> dict[str, Any]:
-    """One report from several of the same recipe: the accuracy runs of all, and the timing of the
-    ``--idle-timing`` one (whose own run stays under ``timing_run``, apart from the seeds)."""
-    reports = [json.loads(Path(p).read_text()) for p in paths]
-    recipes = {json.dumps(r["recipe"], sort_keys=True) for r in reports}
+def merge(paths: list[Path], out: Path, timing: Path | None = None) -> dict[str, Any]:
+    """One report from several of the same recipe: the accuracy runs of all, and the timing of one ``--idle-timing``
+    report (``timing``, needed when there are several). A timed run counts as a seed too, unless its seed is already
+    among the accuracy runs; the timed run is also kept under ``timing_run``."""
+    named = [(str(p), json.loads(Path(p).read_text())) for p in paths]
+    recipes = {json.dumps(r["recipe"], sort_keys=True) for _, r in named}
     if len(recipes) > 1:
         raise ValueError(f"the reports hold different recipes; merge only reports of one recipe: {sorted(recipes)}")
-    timed = [r for r in reports if r.get("idle_timing")]
-    if len(timed) > 1:
-        raise ValueError("more than one --idle-timing report; keep the one measured on the idlest machine")
-    runs = [run for r in reports if not r.get("idle_timing") for run in r["runs"]]
+    timed_paths = [p for p, r in named if r.get("idle_timing")]
+    if timing is not None and str(timing) not in timed_paths:
+        raise ValueError(f"--timing {timing} is not one of the --idle-timing reports given to --merge: {timed_paths}")
+    if timing is None and len(timed_paths) > 1:
+        raise ValueError(f"several --idle-timing reports ({', '.join(timed_paths)}); name the one to quote with --timing")
+    timed = [dict(named)[str(timing) if timing is not None else timed_paths[0]]] if timed_paths else []
+    runs = [run for _, r in named if not r.get("idle_timing") for run in r["runs"]]
+    accuracy_seeds = {run["seed"] for run in runs}
+    runs += [run for _, r in named if r.get("idle_timing") for run in r["runs"] if run["seed"] not in accuracy_seeds]
     seeds = [run["seed"] for run in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"a seed appears twice among the runs: {sorted(seeds)}")
+    reports = [r for _, r in named]
     merged = {k: v for k, v in reports[0].items() if k not in ("runs", "summary", "goal_met", "command")}
     merged.update(runs=sorted(runs, key=lambda run: run["seed"]), idle_timing=False,
                   merged_from=[str(p) for p in paths], commands=[r["command"] for r in reports],
@@ -213,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="time one seed with 2 threads on an idle machine: minutes_2_idle_cores, matmul_gflops")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
                         help="merge these reports of one recipe into --out (nothing is trained)")
+    parser.add_argument("--timing", type=Path, metavar="REPORT",
+                        help="with --merge: the --idle-timing report whose time the merged file quotes")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file [benchmarks/results/time_to_accuracy_<recipe>.json]; the plot goes beside it")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
         try:
-            merged = merge(args.merge, out)
+            merged = merge(args.merge, out, args.timing)
         except (OSError, ValueError, KeyError) as error:
             parser.error(f"--merge: {error}")
         print(f"merged {len(args.merge)} reports into {out}: {merged['summary']} | goal met: {merged['goal_met']}")

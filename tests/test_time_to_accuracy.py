@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import train
 from benchmarks import time_to_accuracy as tta
 
 TINY_BASE = ["--recipe", "notebook07", "--subset", "256", "--epochs", "2", "--warmup-epochs", "0.5"]
@@ -79,6 +80,30 @@ def test_merge_folds_seeds_and_the_timing_run_into_one_report(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:  # seed 0 twice
         tta.main(["--merge", str(paths["a"]), str(paths["a"]), "--out", str(tmp_path / "m2.json")])
     assert stop.value.code == 2 and "seed appears twice" in capsys.readouterr().err
+
+
+def test_merge_counts_timed_runs_as_seeds_and_quotes_the_timing_it_is_told(tmp_path, capsys):
+    paths = {}
+    for name, seed in {"t0": "0", "t1": "1", "b": "2"}.items():  # two timed runs (on different days), one untimed
+        paths[name] = tmp_path / f"{name}.json"
+        tta.main(TINY_BASE + ["--seeds", seed, "--out", str(paths[name])] + (["--idle-timing"] if name != "b" else []))
+    with pytest.raises(SystemExit) as stop:  # which of the two times to quote is not guessed
+        tta.main(["--merge", *map(str, paths.values()), "--out", str(tmp_path / "m.json")])
+    assert stop.value.code == 2 and "--timing" in capsys.readouterr().err
+    merged = tta.main(["--merge", *map(str, paths.values()), "--timing", str(paths["t1"]),
+                       "--out", str(tmp_path / "m.json")])
+    timed = json.loads(paths["t1"].read_text())
+    assert [run["seed"] for run in merged["runs"]] == [0, 1, 2] and merged["summary"]["seeds"] == 3
+    assert merged["minutes_2_idle_cores"] == timed["minutes_2_idle_cores"] and merged["timing_run"] == timed["runs"][0]
+    assert merged["matmul_gflops"] == timed["matmul_gflops"]
+
+
+def test_train_py_recipe_best_reproduces_the_benchmarks_run_of_a_seed(tmp_path):
+    # the same engine, seed and threads: train.py --recipe best ends where the benchmark's run of that seed ends
+    report = tta.main(TINY_BEST + ["--seeds", "0", "--out", str(tmp_path / "t.json")])
+    run = train.main(TINY_BEST + ["--seed", "0", "--no-compile", "--no-progress", "--out-dir", str(tmp_path / "r")])
+    assert run["val_acc"] == report["runs"][0]["val_acc"] and run["train_loss"] == report["runs"][0]["train_loss"]
+    assert run["final_test_acc"] == report["runs"][0]["final_test_acc"], "the test set read the same way (with TTA)"
 
 
 def test_an_existing_report_is_never_replaced_without_overwrite(tmp_path, capsys):
