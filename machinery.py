@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import shutil
 import signal
 import socket
@@ -1395,6 +1396,17 @@ def save_results(results: dict[str, list[float]], path: str | Path, pickle_too: 
     if pickle_too:
         atomic_write_bytes(pickle.dumps(plain_results(results)), path.with_suffix(".pkl"))
     return path
+
+
+def cpu_description() -> str:
+    """The processor, as a published time should name it: its model name (Linux's /proc/cpuinfo, else what
+    ``platform`` knows) and the vector instructions torch uses on it, e.g. "AMD EPYC, AVX512"."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def matmul_gflops(n: int = 2048, times: int = 5, threads: int | None = 1) -> float:

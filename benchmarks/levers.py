@@ -91,6 +91,10 @@ LEVERS: dict[str, dict[str, Any]] = {
     "fused_batch_256": dict(fused=True, batch_size=256),
     "fused_compile": dict(fused=True, compile=True),
     "fused_compile_batch_256": dict(fused=True, compile=True, batch_size=256),
+    # the best recipe's step (hf.BEST_MNIST_RECIPE: patch 4, batch 256; its engine's fused AdamW; run compiled)
+    "best_recipe_step": dict(patch_size=4, batch_size=256, fused=True, compile=True),
+    "best_recipe_step_explicit_attention": dict(patch_size=4, batch_size=256, fused=True, compile=True,
+                                                explicit_attention=True),
 }
 
 
@@ -182,7 +186,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) / steps)
     base = statistics.median(times[names[0]]) / LEVERS[names[0]].get("batch_size", 128)
     rows = {}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machinery.cpu_description()}")
     print(f"{'lever':28s} {'ms/step':>8s} {'img/s':>8s} {'vs ' + names[0]:>12s} {'compile s':>9s}")
     for name in names:
         batch_size = LEVERS[name].get("batch_size", hf.MNIST_RECIPE["batch_size"])
@@ -197,7 +201,8 @@ def main() -> None:
               f"{r['compile_seconds']:9.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(torch=torch.__version__, threads=torch.get_num_threads(),
-                                        machine=platform.machine(), repeats=repeats, images=images, levers=rows),
+                                        machine=platform.machine(), cpu=machinery.cpu_description(), repeats=repeats,
+                                        images=images, levers=rows),
                                    indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -20,7 +20,10 @@ What is measured, in one process, on the same inputs:
 4. Repeats are interleaved (matmul, A, B, C, matmul, A, B, C, ...), so a slow spell on a shared machine hits every
    model alike; we report medians and the ratios of medians.
 5. With ``--compile``, a ``torch.compile``'d copy of each named model is timed beside the eager one (``ours+compile``).
-6. Model FLOP utilisation (MFU) = training FLOPs per image x training images/s / matmul rate, with the FLOPs per
+6. With ``--profile N``, ``torch.profiler`` records N more training steps of each model and the report gives, per
+   model, the milliseconds per step spent in each operator (self CPU time, so nothing is counted twice) and outside
+   every operator (Python, modules, the dispatcher): where one model's time goes that another's does not.
+7. Model FLOP utilisation (MFU) = training FLOPs per image x training images/s / matmul rate, with the FLOPs per
    image counted from the configuration by ``vit_flops`` (the work the configuration needs, the same number for every
    model, whatever extra work a model does).
 
@@ -58,6 +61,7 @@ from torch import nn
 REPO_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_DIR))  # helper_functions.py lives at the repository's top level
 import helper_functions as hf  # noqa: E402
+import machinery  # noqa: E402
 
 MODELS = ("ours", "torchvision", "vit-pytorch")
 VIT_PYTORCH_FIX = "pip install -r benchmarks/requirements.txt"
@@ -214,12 +218,27 @@ def matmul_seconds(a: torch.Tensor, b: torch.Tensor, times: int = 3) -> float:
     return statistics.median(seconds)
 
 
+def profile_training(runner: Runner, steps: int) -> dict[str, float]:
+    """Milliseconds per training step in each operator (its self CPU time, ``torch.profiler``), and in
+    ``"(outside operators)"``: the wall time of the steps that no operator accounts for."""
+    runner.model.train()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.train_step()
+        wall = time.perf_counter() - start
+    per_step = {event.key: event.self_cpu_time_total / 1e3 / steps for event in profiler.key_averages()}
+    per_step["(outside operators)"] = wall * 1e3 / steps - sum(per_step.values())
+    return dict(sorted(per_step.items(), key=lambda item: -item[1]))
+
+
 def benchmark_config(name: str, config: dict[str, Any], batch_size: int, steps: int, repeats: int,
                      models: list[str], matmul_size: int = 2048, warmup: int = 2, compiled: tuple[str, ...] = (),
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
+                     profile_steps: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Interleaved training and inference measurements of ``models`` at one configuration, plus a ``<model>+compile``
     row for each model in ``compiled``. The matmul rate (``matmul_size`` squared matrices) is measured once per
-    repeat too, so this configuration's MFU is computed against the rate measured alongside it."""
+    repeat too, so this configuration's MFU is computed against the rate measured alongside it. With
+    ``profile_steps``, each model's training step is then profiled (``profile_training``)."""
     flops = vit_flops(**full_config(config))
     runners = {}
     for model_name, compile in [(m, False) for m in models] + [(m, True) for m in models if m in compiled]:
@@ -254,6 +273,8 @@ def benchmark_config(name: str, config: dict[str, Any], batch_size: int, steps: 
             "train_median": statistics.median(rec["train"]), "infer_median": statistics.median(rec["infer"]),
             "train_cpu_median": statistics.median(rec["train_cpu"]),
             "infer_cpu_median": statistics.median(rec["infer_cpu"])}
+    if profile_steps:
+        results["profile_ms_per_train_step"] = {m: profile_training(r, profile_steps) for m, r in runners.items()}
     return results
 
 
@@ -299,6 +320,19 @@ def format_table(report: dict[str, Any]) -> str:
                          f"(per CPU-second: {cpu['train']:.2f}x, {cpu['infer']:.2f}x)")
     for skipped, why in report.get("skipped", {}).items():
         lines.append(f"(skipped {skipped}: {why})")
+    return "\n".join(lines)
+
+
+def format_profile(results: dict[str, Any], rows: int = 12) -> str:
+    """The operators whose milliseconds per training step differ most between the first model and another."""
+    profile = results["profile_ms_per_train_step"]
+    first, *others = profile.values()
+    keys = sorted(set().union(*profile.values()),
+                  key=lambda k: -max([abs(first.get(k, 0) - other.get(k, 0)) for other in others] or [first[k]]))
+    lines = [f"{'ms per training step':<52}" + "".join(f"{m:>14}" for m in profile)]
+    for key in ["(total)"] + keys[:rows]:
+        values = [sum(p.values()) if key == "(total)" else p.get(key, 0.0) for p in profile.values()]
+        lines.append(f"{key[:52]:<52}" + "".join(f"{v:>14.2f}" for v in values))
     return "\n".join(lines)
 
 
@@ -348,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", nargs="?", const="all", default="",
                         help="also time torch.compile'd copies of these models (comma-separated, or no value for all; "
                              "each adds about a minute of compiling per configuration)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS training steps of each model: milliseconds per step by operator")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul (default 2048)")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "benchmarks" / "results",
                         help="folder for throughput.json and throughput.png (default benchmarks/results/)")
@@ -389,7 +425,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "torchvision": torchvision.__version__, "threads": torch.get_num_threads()},
+                    "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
+                    "cpu": machinery.cpu_description()},
         "matmul": {"n": args.matmul_size}, "configs": {}, "skipped": skipped}
     started = time.perf_counter()
     for name in args.configs:
@@ -400,12 +437,16 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
         report["configs"][name] = benchmark_config(
             name, config, batch, args.large_steps if large else args.steps,
             args.large_repeats if large else args.repeats, models, args.matmul_size, warmup=1 if large else 2,
-            compiled=args.compile)
+            compiled=args.compile, profile_steps=args.profile)
     for res in report["configs"].values():
         add_ratios_and_mfu(res)
     report["seconds"] = time.perf_counter() - started
     print()
     print(format_table(report))
+    for name, res in report["configs"].items():
+        if "profile_ms_per_train_step" in res:
+            print(f"\n{name}: where each model's training step goes (operators that differ most first)")
+            print(format_profile(res))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "throughput.json").write_text(json.dumps(report, indent=2))
     plot(report, args.out / "throughput.png")

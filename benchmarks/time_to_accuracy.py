@@ -179,7 +179,8 @@ def merge(paths: list[Path], out: Path, timing: Path | None = None) -> dict[str,
     if timing is not None and str(timing) not in timed_paths:
         raise ValueError(f"--timing {timing} is not one of the --idle-timing reports given to --merge: {timed_paths}")
     if timing is None and len(timed_paths) > 1:
-        raise ValueError(f"several --idle-timing reports ({', '.join(timed_paths)}); name the one to quote with --timing")
+        raise ValueError(f"several --idle-timing reports ({', '.join(timed_paths)}); "
+                         f"name the one to quote with --timing")
     timed = [dict(named)[str(timing) if timing is not None else timed_paths[0]]] if timed_paths else []
     runs = [run for _, r in named if not r.get("idle_timing") for run in r["runs"]]
     accuracy_seeds = {run["seed"] for run in runs}

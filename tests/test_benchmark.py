@@ -65,6 +65,7 @@ def test_quick_benchmark_writes_table_json_and_chart(tmp_path, capsys):
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert (tmp_path / "throughput.png").stat().st_size > 0
     assert saved["configs"].keys() == {"vit_mnist"}
+    assert saved["machine"]["cpu"].endswith(torch.backends.cpu.get_cpu_capability()), "the processor a figure is from"
     result = saved["configs"]["vit_mnist"]
     assert len(result["matmul_flops_per_s"]) == 1 and result["matmul_median_flops_per_s"] > 0
     assert result["config"] == hf.VIT_CONFIGS["vit_mnist"]  # read at run time
@@ -109,3 +110,16 @@ def test_compile_flag_takes_model_names_or_means_all(capsys):
     with pytest.raises(SystemExit):
         tp.parse_args(["--compile", "ours,timm"])
     assert "unknown model 'timm'" in capsys.readouterr().err
+
+
+def test_profile_splits_each_models_training_step_by_operator(tmp_path, capsys):
+    report = tp.main(["--quick", "--models", "ours,torchvision", "--repeats", "1", "--steps", "1", "--batch-size",
+                      "16", "--threads", "1", "--matmul-size", "256", "--profile", "2", "--out", str(tmp_path)])
+    profile = report["configs"]["vit_mnist"]["profile_ms_per_train_step"]
+    assert profile.keys() == {"ours", "torchvision"}
+    for per_op in profile.values():
+        assert "aten::addmm" in per_op and per_op["aten::addmm"] > 0, "the dense layers' matrix multiplies"
+        assert "(outside operators)" in per_op and all(ms >= 0 for key, ms in per_op.items() if key[0] != "(")
+    table = capsys.readouterr().out.split("where each model's training step goes")[1]
+    assert "(total)" in table and "aten::addmm" in table and "(outside operators)" in table
+    assert json.loads((tmp_path / "throughput.json").read_text())["configs"]["vit_mnist"]["profile_ms_per_train_step"]
