@@ -382,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", nargs="?", const="all", default="",
                         help="also time torch.compile'd copies of these models (comma-separated, or no value for all; "
                              "each adds about a minute of compiling per configuration)")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    parser.add_argument("--profile", type=machinery.positive_int, default=0, metavar="STEPS",
                         help="also profile STEPS training steps of each model: milliseconds per step by operator")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul (default 2048)")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "benchmarks" / "results",

@@ -176,12 +176,16 @@ def merge(paths: list[Path], out: Path, timing: Path | None = None) -> dict[str,
     if len(recipes) > 1:
         raise ValueError(f"the reports hold different recipes; merge only reports of one recipe: {sorted(recipes)}")
     timed_paths = [p for p, r in named if r.get("idle_timing")]
-    if timing is not None and str(timing) not in timed_paths:
-        raise ValueError(f"--timing {timing} is not one of the --idle-timing reports given to --merge: {timed_paths}")
-    if timing is None and len(timed_paths) > 1:
+    if timing is not None:  # the same file however it is spelled (./a.json, a.json)
+        chosen = [p for p in timed_paths if Path(p).resolve() == Path(timing).resolve()]
+        if not chosen:
+            raise ValueError(f"--timing {timing} is not one of the --idle-timing reports given to --merge: "
+                             f"{timed_paths}")
+        timed_paths = chosen
+    if len(timed_paths) > 1:
         raise ValueError(f"several --idle-timing reports ({', '.join(timed_paths)}); "
                          f"name the one to quote with --timing")
-    timed = [dict(named)[str(timing) if timing is not None else timed_paths[0]]] if timed_paths else []
+    timed = [dict(named)[timed_paths[0]]] if timed_paths else []
     runs = [run for _, r in named if not r.get("idle_timing") for run in r["runs"]]
     accuracy_seeds = {run["seed"] for run in runs}
     runs += [run for _, r in named if r.get("idle_timing") for run in r["runs"] if run["seed"] not in accuracy_seeds]
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     out = args.out or REPO_DIR / "benchmarks" / "results" / f"time_to_accuracy_{args.recipe}.json"
+    if args.timing is not None and not args.merge:
+        parser.error("--timing names the report whose time a --merge quotes; use it with --merge")
     if out.exists() and not args.overwrite:
         parser.error(f"{out} already holds results; choose another --out, or replace it with --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,9 @@ def test_compile_flag_takes_model_names_or_means_all(capsys):
     with pytest.raises(SystemExit):
         tp.parse_args(["--compile", "ours,timm"])
     assert "unknown model 'timm'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--profile", "-1"])
+    assert "--profile" in capsys.readouterr().err
 
 
 def test_profile_splits_each_models_training_step_by_operator(tmp_path, capsys):

@@ -90,7 +90,11 @@ def test_merge_counts_timed_runs_as_seeds_and_quotes_the_timing_it_is_told(tmp_p
     with pytest.raises(SystemExit) as stop:  # which of the two times to quote is not guessed
         tta.main(["--merge", *map(str, paths.values()), "--out", str(tmp_path / "m.json")])
     assert stop.value.code == 2 and "--timing" in capsys.readouterr().err
-    merged = tta.main(["--merge", *map(str, paths.values()), "--timing", str(paths["t1"]),
+    with pytest.raises(SystemExit) as stop:  # --timing alone merges nothing
+        tta.main(["--timing", str(paths["t1"]), "--out", str(tmp_path / "m.json")])
+    assert stop.value.code == 2 and "use it with --merge" in capsys.readouterr().err
+    spelled_otherwise = tmp_path / "." / "t1.json"  # the same file, named another way
+    merged = tta.main(["--merge", *map(str, paths.values()), "--timing", str(spelled_otherwise),
                        "--out", str(tmp_path / "m.json")])
     timed = json.loads(paths["t1"].read_text())
     assert [run["seed"] for run in merged["runs"]] == [0, 1, 2] and merged["summary"]["seeds"] == 3
