@@ -235,8 +235,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or REPO_DIR / "benchmarks" / "results" / f"time_to_accuracy_{args.recipe}.json"
     if args.timing is not None and not args.merge:
         parser.error("--timing names the report whose time a --merge quotes; use it with --merge")
-    if out.exists() and not args.overwrite:
-        parser.error(f"{out} already holds results; choose another --out, or replace it with --overwrite")
+    for written in (out, out.with_suffix(".png")):  # the report and its plot
+        if written.exists() and not args.overwrite:
+            parser.error(f"{written} already exists; choose another --out, or replace it with --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
         try:

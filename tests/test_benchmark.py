@@ -124,5 +124,7 @@ def test_profile_splits_each_models_training_step_by_operator(tmp_path, capsys):
         assert "aten::addmm" in per_op and per_op["aten::addmm"] > 0, "the dense layers' matrix multiplies"
         assert "(outside operators)" in per_op and all(ms >= 0 for key, ms in per_op.items() if key[0] != "(")
     table = capsys.readouterr().out.split("where each model's training step goes")[1]
-    assert "(total)" in table and "aten::addmm" in table and "(outside operators)" in table
+    # which operators make the top rows depends on the timings (ours and torchvision differ by many), so only that
+    # the total and some of the profiled operators are printed
+    assert "(total)" in table and any(op[:52] in table for op in profile["ours"])
     assert json.loads((tmp_path / "throughput.json").read_text())["configs"]["vit_mnist"]["profile_ms_per_train_step"]

@@ -119,6 +119,17 @@ def test_an_existing_report_is_never_replaced_without_overwrite(tmp_path, capsys
     assert out.read_text() == "{}"
 
 
+@pytest.mark.parametrize("merging", [False, True])
+def test_an_existing_plot_beside_out_is_never_replaced_without_overwrite(tmp_path, capsys, merging):
+    plot = tmp_path / "tta.png"
+    plot.write_bytes(b"a plot from an earlier run")
+    argv = ["--merge", str(tmp_path / "a.json")] if merging else TINY
+    with pytest.raises(SystemExit) as stop:
+        tta.main(argv + ["--out", str(tmp_path / "tta.json")])
+    assert stop.value.code == 2 and "tta.png already exists" in capsys.readouterr().err
+    assert plot.read_bytes() == b"a plot from an earlier run" and not (tmp_path / "tta.json").exists()
+
+
 def test_a_recipe_that_cannot_work_is_one_line_naming_the_value(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         tta.main(["--epochs", "2", "--warmup-epochs", "5", "--out", str(tmp_path / "x.json")])
