@@ -19,6 +19,9 @@ Times. Accuracies can be measured on one thread beside other work; times cannot.
 2 threads and records the top-level ``minutes_2_idle_cores`` (that run's training time, compile included) and
 ``matmul_gflops``, the machine's float32 matrix-multiply rate measured in the same run (before and after training),
 so that a time can be scaled to another day; the load average at the start is recorded too (it should be near 0).
+With ``--compile``, ``compile_cache_empty_at_start`` says whether torch.compile's on-disk cache was empty: a first run
+compiles everything in its first epoch, a later one reuses the kernels on disk (an empty ``TORCHINDUCTOR_CACHE_DIR``
+times a first run).
 Every report also holds, per run, its per-epoch minutes and the matmul rate at its own thread count.
 ``--merge`` folds reports of one recipe (seeds run in separate processes, and ``--idle-timing`` reports, whose runs
 count as seeds too) into one, quoting the time of one of them (``--timing``).
@@ -71,6 +74,14 @@ def val_accuracy(setup: hf.TrainingSetup, tta: bool) -> float | None:
         return None
     model = hf.ShiftAveraged(hf.unwrap(setup.model)) if tta else hf.unwrap(setup.model)
     return float(hf.test_step(model, setup.val_loader, setup.loss_fn, setup.device)[1])
+
+
+def compile_cache_was_empty() -> bool:
+    """Whether torch.compile's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, else torch's default) is empty: a first run
+    pays the whole compile in its first epoch; a later one reuses the compiled kernels and pays far less."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    path = Path(cache_dir())
+    return not path.is_dir() or not any(path.iterdir())
 
 
 def run_seed(recipe: dict[str, Any], seed: int, compile: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -199,7 +210,7 @@ def merge(paths: list[Path], out: Path, timing: Path | None = None) -> dict[str,
                   threads=sorted({run["threads"] for run in runs}))
     merged["threads"] = merged["threads"][0] if len(merged["threads"]) == 1 else merged["threads"]
     for key in ("minutes_2_idle_cores", "matmul_gflops", "matmul_gflops_before", "matmul_gflops_after",
-                "load_average_at_start", "timing_run"):
+                "load_average_at_start", "compile_cache_empty_at_start", "timing_run"):
         merged.pop(key, None)
         if timed and key in timed[0]:
             merged[key] = timed[0][key]
@@ -260,11 +271,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         machinery.check_training_arguments(**{k: recipe[k] for k in checked})
     except ValueError as error:
         parser.error(str(error))
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # in the command: it decides what compiling starts from
+    command = [f"TORCHINDUCTOR_CACHE_DIR={cache}"] * bool(cache) + ["python benchmarks/time_to_accuracy.py"]
     report: dict[str, Any] = dict(recipe_name=args.recipe, recipe=recipe, compile=args.compile,
                                   idle_timing=args.idle_timing, torch=torch.__version__, machine=platform.machine(),
-                                  command="python benchmarks/time_to_accuracy.py "
-                                  + " ".join(sys.argv[1:] if argv is None else argv),
+                                  cpu=machinery.cpu_description(),
+                                  command=" ".join(command + (sys.argv[1:] if argv is None else argv)),
                                   runs=[])
+    if args.compile:  # a time with compiling included depends on whether the compiled kernels were on disk already
+        report["compile_cache_empty_at_start"] = compile_cache_was_empty()
     threads_before = torch.get_num_threads()
     try:
         if args.idle_timing:

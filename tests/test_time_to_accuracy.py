@@ -22,11 +22,14 @@ def test_reached_is_the_first_time_a_target_is_met_and_none_if_never():
     assert tta.reached([1.0, 2.0], [0.98, 0.985], 0.99) is None
 
 
-def test_a_tiny_recipe_writes_a_report_with_every_field_and_a_plot(tmp_path):
+def test_a_tiny_recipe_writes_a_report_with_every_field_and_a_plot(tmp_path, monkeypatch):
     out = tmp_path / "tta.json"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     report = tta.main(TINY + ["--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
+    assert saved["command"].startswith(f"TORCHINDUCTOR_CACHE_DIR={tmp_path / 'inductor'} python benchmarks/")
+    assert saved["cpu"] and "compile_cache_empty_at_start" not in saved, "only a compiled run says it"
     assert saved["recipe"]["subset"] == 256 and saved["recipe"]["epochs"] == 2 and saved["threads"] >= 1
     assert [run["seed"] for run in saved["runs"]] == [0, 1]
     for run in saved["runs"]:
@@ -100,6 +103,16 @@ def test_merge_counts_timed_runs_as_seeds_and_quotes_the_timing_it_is_told(tmp_p
     assert [run["seed"] for run in merged["runs"]] == [0, 1, 2] and merged["summary"]["seeds"] == 3
     assert merged["minutes_2_idle_cores"] == timed["minutes_2_idle_cores"] and merged["timing_run"] == timed["runs"][0]
     assert merged["matmul_gflops"] == timed["matmul_gflops"]
+
+
+def test_a_compiled_report_says_whether_torch_compiles_cache_was_empty(tmp_path, monkeypatch):
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    assert tta.compile_cache_was_empty(), "no folder yet: a first run compiles everything"
+    cache.mkdir(exist_ok=True)  # (torch makes the folder when asked where it is)
+    assert tta.compile_cache_was_empty()
+    (cache / "fxgraph").mkdir()
+    assert not tta.compile_cache_was_empty(), "kernels on disk: a later run reuses them"
 
 
 def test_train_py_recipe_best_reproduces_the_benchmarks_run_of_a_seed(tmp_path):
