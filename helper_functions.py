@@ -244,7 +244,7 @@ class ImagePatches(nn.Module):
 class MultiHeadSelfAttention(nn.Module):
     """MSA(z) = [SA_1(z); ...; SA_k(z)] U_msa with SA_i(z) = softmax(q_i k_i^T / sqrt(D_h)) v_i (Appendix A).
     One linear layer computes q, k and v for all heads at once (its weight is laid out [W_q; W_k; W_v], as in
-    ``nn.MultiheadAttention.in_proj_weight``); ``F.scaled_dot_product_attention`` does softmax(q k^T / sqrt(D_h)) v."""
+    ``nn.MultiheadAttention.in_proj_weight``), and the heads ride along as a batch axis of every matmul."""
 
     def __init__(self, *, embedding_dim: int = 768, num_heads: int = 12, attn_dropout: float = 0.0) -> None:  # Table 1
         super().__init__()
@@ -257,16 +257,20 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         return q, k, v  # each (batch, heads, seq, head_dim)
 
+    @staticmethod
+    def attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """A = softmax(q k^T / sqrt(D_h)) (Eq. 6): row i weighs every key against query i, each row sums to 1."""
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)  # (batch, heads, seq, seq)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.queries_keys_values(x)
-        dropout = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (batch, heads, seq, head_dim)
-        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (batch, seq, embedding_dim)
+        A = F.dropout(self.attention(q, k), self.attn_dropout, self.training)  # torchvision's dropout, 0 by default
+        return self.out_proj(rearrange(A @ v, "b h n d -> b n (h d)"))  # Eq. 7 per head: (batch, seq, embedding_dim)
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The softmax(q k^T / sqrt(D_h)) matrices that ``forward`` uses: (batch, heads, seq, seq)."""
+        """The attention matrices A that ``forward`` uses (before dropout): (batch, heads, seq, seq)."""
         q, k, _ = self.queries_keys_values(x)
-        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+        return self.attention(q, k)
 
 
 @torch.no_grad()
@@ -1892,18 +1896,10 @@ class _AttentionWithBugs(MultiHeadSelfAttention):
     BUGS = ("scaled_by_width", "softmax_over_queries")
     bug = "scaled_by_width"
 
-    def weights_from(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         width = self.qkv.in_features if self.bug == "scaled_by_width" else q.shape[-1]  # D instead of D_h
         scores = q @ k.transpose(-2, -1) / math.sqrt(width)  # (batch, heads, queries, keys)
         return scores.softmax(dim=-2 if self.bug == "softmax_over_queries" else -1)
-
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, _ = self.queries_keys_values(x)
-        return self.weights_from(q, k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # without attention dropout (vit_mnist has none)
-        q, k, v = self.queries_keys_values(x)
-        return self.out_proj(rearrange(self.weights_from(q, k) @ v, "b h n d -> b n (h d)"))
 
 
 @torch.no_grad()
