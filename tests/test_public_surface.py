@@ -69,6 +69,6 @@ def test_the_model_reads_like_the_equations_each_block_short(part, most):
 def test_notebook_05s_whole_vit_cell_and_the_scripts_stay_short():
     notebook = json.loads((REPO / "notebooks" / "05_vision_transformer.ipynb").read_text())
     cell = next(cell for cell in notebook["cells"] if "class ViT(nn.Module)" in "".join(cell["source"]))
-    assert len("".join(cell["source"]).splitlines()) <= 130
+    assert len("".join(cell["source"]).splitlines()) <= 135  # two screens; Eq. 6 got its own method in issue 27
     assert len((REPO / "train.py").read_text().splitlines()) <= 160
     assert len((REPO / "helper_functions.py").read_text().splitlines()) <= 2000
