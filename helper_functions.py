@@ -1097,7 +1097,7 @@ MNIST_RECIPE: dict[str, Any] = dict(config="vit_mnist", dataset="mnist", epochs=
 # The best recipe (issue 27): notebook 07's model with 4x4 patches (49 tokens instead of 16), label smoothing,
 # batches of 256 at a higher peak rate, and the test set read once with ShiftAveraged (test-time augmentation). Chosen
 # on the validation split among the candidates of benchmarks/screen_recipes.py; 28 epochs because that is what fits in
-# 30 minutes on the slowest 2-core machine measured (34 did not); measured in benchmarks/time_to_accuracy.py.
+# 30 minutes on our 2-core machine on a slow day (34 did not); measured in benchmarks/time_to_accuracy.py.
 BEST_MNIST_RECIPE: dict[str, Any] = {**MNIST_RECIPE, "epochs": 28, "batch_size": 256, "lr": 3e-3, "warmup_epochs": 3,
                                      "patch_size": 4, "label_smoothing": 0.1, "tta": True}
 

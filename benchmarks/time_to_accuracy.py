@@ -79,9 +79,8 @@ def val_accuracy(setup: hf.TrainingSetup, tta: bool) -> float | None:
 def compile_cache_was_empty() -> bool:
     """Whether torch.compile's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, else torch's default) is empty: a first run
     pays the whole compile in its first epoch; a later one reuses the compiled kernels and pays far less."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-    path = Path(cache_dir())
-    return not path.is_dir() or not any(path.iterdir())
+    from torch._inductor.runtime.cache_dir_utils import cache_dir  # (torch makes the folder if it is missing)
+    return not any(Path(cache_dir()).iterdir())
 
 
 def run_seed(recipe: dict[str, Any], seed: int, compile: bool = False, progress: bool = False) -> dict[str, Any]:
